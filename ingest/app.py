@@ -1,0 +1,96 @@
+"""The Flask application factory: `gunicorn "ingest:create_app()"`."""
+
+from __future__ import annotations
+
+import hmac
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from flask import Flask, Response, current_app, jsonify, request
+from sqlalchemy import Engine
+from werkzeug.exceptions import HTTPException
+
+from ingest.metrics import IngestMetrics, ingest_metrics
+from ingest.verify import Verifier
+from shared.db import make_engine
+from shared.logs import configure_logging, get_logger
+from shared.queue import make_celery
+from shared.settings import ConfigError, Settings, get_settings
+
+log = get_logger("ingest")
+
+
+@dataclass
+class IngestState:
+    settings: Settings
+    engine: Engine
+    celery: Celery
+    verifier: Verifier
+    metrics: IngestMetrics
+    redis: redis.Redis
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    try:
+        settings = settings or get_settings()
+        secrets = settings.require_webhook_key()
+    except ConfigError as exc:
+        # Under gunicorn a traceback here would bury the one line the operator needs.
+        print(f"dodo-webhooks ingest: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+
+    app = Flask("ingest")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["dodo"] = IngestState(
+        settings=settings,
+        engine=make_engine(settings.database_url),
+        celery=make_celery(settings),
+        verifier=Verifier(secrets),
+        metrics=ingest_metrics(),
+        redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
+    )
+
+    from ingest import api, health, webhooks
+
+    app.register_blueprint(webhooks.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(api.bp)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+def state() -> IngestState:
+    return current_app.extensions["dodo"]  # type: ignore[no-any-return]
+
+
+def require_admin() -> tuple[Response, int] | None:
+    """None when the request carries the admin token; otherwise the answer to give."""
+    token = state().settings.admin_token
+    if token is None:
+        return jsonify(error="admin API not configured: set ADMIN_TOKEN"), 503
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return jsonify(error="missing or wrong bearer token"), 401
+    return None
+
+
+def _http_error(exc: HTTPException) -> tuple[Response, int]:
+    return jsonify(error=exc.description or exc.name), exc.code or 500
+
+
+def _unexpected_error(exc: Exception) -> tuple[Response, int]:
+    # Never a 500: the sender retries a 503, and nothing was acknowledged.
+    log.error("unexpected error", exc_info=exc, extra={"path": request.path})
+    return jsonify(error="temporarily unavailable"), 503
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, or {} when there is none."""
+    payload = request.get_json(silent=True)
+    return payload if isinstance(payload, dict) else {}

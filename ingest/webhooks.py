@@ -1,0 +1,91 @@
+"""POST /webhooks/dodo: verify, record, queue, answer — in that order."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from ingest.app import state
+from ingest.recording import record_delivery
+from ingest.verify import Rejection
+from shared.envelope import EnvelopeError, read_envelope_head
+from shared.logs import get_logger, log_step
+from shared.queue import enqueue
+
+bp = Blueprint("webhooks", __name__)
+log = get_logger("ingest")
+
+
+@bp.post("/webhooks/dodo")
+def receive() -> tuple[Response, int]:
+    ingest = state()
+    metrics = ingest.metrics
+    metrics.received.inc()
+    body = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH, before reading it all
+    try:
+        delivery = ingest.verifier.verify(body, dict(request.headers.items(lower=True)))
+    except Rejection as rejection:
+        metrics.rejected.labels(reason=str(rejection.status)).inc()
+        log_step(
+            log,
+            "rejected",
+            level=logging.INFO,
+            http_status=rejection.status,
+            reason=rejection.reason,
+        )
+        return jsonify(error=rejection.reason), rejection.status
+
+    event_type, event_at, dead_reason = None, None, None
+    try:
+        head = read_envelope_head(body)
+        event_type, event_at = head.type, head.timestamp
+    except EnvelopeError as exc:
+        # Signed by Dodo, so kept: it goes dead with the reason, for an operator to look at.
+        dead_reason = str(exc)
+
+    try:
+        created = record_delivery(
+            ingest.engine,
+            webhook_id=delivery.webhook_id,
+            webhook_ts=delivery.webhook_ts,
+            headers=delivery.headers,
+            body=body,
+            event_type=event_type,
+            event_at=event_at,
+            dead_reason=dead_reason,
+        )
+    except Exception:
+        metrics.record_failures.inc()
+        log.error(
+            "could not record delivery",
+            exc_info=True,
+            extra={"step": "unavailable", "webhook_id": delivery.webhook_id},
+        )
+        return jsonify(error="the event could not be recorded; retry later"), 503
+
+    fields: dict[str, Any] = {"webhook_id": delivery.webhook_id, "type": event_type}
+    if not created:
+        metrics.duplicates.inc()
+        log_step(log, "duplicate", **fields)
+        return jsonify(status="duplicate", webhook_id=delivery.webhook_id), 200
+    if dead_reason:
+        metrics.dead_on_arrival.inc()
+        log_step(log, "dead", level=logging.WARNING, reason=dead_reason, **fields)
+        return jsonify(status="dead", webhook_id=delivery.webhook_id, error=dead_reason), 202
+
+    log_step(log, "received", **fields)
+    try:
+        enqueue(ingest.celery, delivery.webhook_id, event_type)
+    except Exception:
+        # Recorded durably already: beat's re-drive queues it once Redis is back.
+        log.warning(
+            "could not queue; re-drive will",
+            exc_info=True,
+            extra={"step": "queue_failed", **fields},
+        )
+    else:
+        metrics.queued.inc()
+        log_step(log, "queued", **fields)
+    return jsonify(status="queued", webhook_id=delivery.webhook_id), 202

@@ -1,0 +1,1 @@
+"""What the ingest and the workers share: settings, schemas, the database model, the queue."""

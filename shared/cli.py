@@ -1,0 +1,95 @@
+"""`dodo-webhooks`: the command line (dev, send-test, dlq, db)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from shared.settings import ConfigError, load_settings
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from shared.migrate import upgrade
+
+    settings = load_settings()
+    url = args.database_url or settings.database_url
+    try:
+        upgrade(url, args.revision)
+    except Exception as exc:
+        raise CommandError(
+            f"DATABASE_URL: could not migrate {redact(url)}: {first_line(exc)}"
+        ) from None
+    print(f"database {redact(url)} is at revision {args.revision}")
+    return 0
+
+
+class CommandError(Exception):
+    """Printed as one line, exit status 1."""
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def redact(url: str) -> str:
+    """A URL fit for a terminal: the password hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dodo-webhooks",
+        description="Self-hosted processor for Dodo Payments webhooks.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = commands.add_parser("db", help="database schema (Alembic migrations)")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    up = db_commands.add_parser("upgrade", help="migrate the database to the latest schema")
+    up.add_argument("revision", nargs="?", default="head")
+    up.add_argument("--database-url", help="instead of DATABASE_URL")
+    up.set_defaults(run=cmd_db_upgrade)
+
+    for register in _extensions():
+        register(commands)
+    return parser
+
+
+def _extensions() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
+    """Subcommands living in their own modules, each with a `register(commands)`."""
+    import importlib
+
+    found = []
+    for name in ("shared.devserver", "shared.sendtest", "shared.dlq_cli"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        found.append(module.register)
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ConfigError, CommandError) as exc:
+        print(f"dodo-webhooks: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The PostgreSQL schema: the durable event record and the read model the merchant queries."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from shared.db import UTCDateTime, utcnow
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ExactDecimal(TypeDecorator[Decimal]):
+    """NUMERIC on PostgreSQL; text on SQLite, whose NUMERIC is a float in disguise."""
+
+    impl = Numeric
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(80))
+        return dialect.type_descriptor(Numeric(asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return str(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        return None if value is None else Decimal(str(value))
+
+
+class EventStatus(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    RETRYING = "retrying"
+    DEAD = "dead"
+    IGNORED = "ignored"
+
+
+class Outcome(enum.StrEnum):
+    APPLIED = "applied"
+    SUPERSEDED = "superseded"
+
+
+FINAL_STATUSES = (EventStatus.PROCESSED, EventStatus.IGNORED, EventStatus.DEAD)
+
+
+class WebhookEvent(Base):
+    """One delivery id, recorded before the acknowledgement; the unit of exactly-once."""
+
+    __tablename__ = "webhook_events"
+
+    webhook_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default=EventStatus.PENDING)
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, str]] = mapped_column(JSON)
+    # Seconds from the signed `webhook-timestamp` header: the first ordering tie-breaker.
+    webhook_ts: Mapped[int] = mapped_column(BigInteger)
+    # The envelope `timestamp`: when the event occurred at Dodo.
+    event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_webhook_events_status_received_at", "status", "received_at"),
+        Index("ix_webhook_events_type", "type"),
+    )
+
+
+class SnapshotMixin:
+    """The event whose state a snapshot row holds, and the order key that protects it."""
+
+    last_event_type: Mapped[str] = mapped_column(String(255))
+    last_event_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_webhook_ts: Mapped[int] = mapped_column(BigInteger)
+    last_webhook_id: Mapped[str] = mapped_column(String(255))
+    # Dodo's own object as last delivered, so the API can answer with all of its fields.
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Payment(SnapshotMixin, Base):
+    __tablename__ = "payments"
+
+    payment_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    status: Mapped[str | None] = mapped_column(String(64))
+    total_amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(16))
+    customer_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    subscription_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    refund_status: Mapped[str | None] = mapped_column(String(64))
+
+
+class Refund(SnapshotMixin, Base):
+    __tablename__ = "refunds"
+
+    refund_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    payment_id: Mapped[str] = mapped_column(String(255), index=True)
+    status: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(16))
+
+
+class Dispute(SnapshotMixin, Base):
+    __tablename__ = "disputes"
+
+    dispute_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    payment_id: Mapped[str] = mapped_column(String(255), index=True)
+    dispute_status: Mapped[str] = mapped_column(String(64))
+    dispute_stage: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[Decimal] = mapped_column(ExactDecimal)
+    currency: Mapped[str] = mapped_column(String(16))
+
+
+class DisputeHistory(Base):
+    """One row per distinct dispute event, kept whatever order they arrived in."""
+
+    __tablename__ = "dispute_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dispute_id: Mapped[str] = mapped_column(String(255), index=True)
+    webhook_id: Mapped[str] = mapped_column(String(255), unique=True)
+    type: Mapped[str] = mapped_column(String(255))
+    dispute_status: Mapped[str] = mapped_column(String(64))
+    dispute_stage: Mapped[str] = mapped_column(String(64))
+    event_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    webhook_ts: Mapped[int] = mapped_column(BigInteger)
+
+
+class Subscription(SnapshotMixin, Base):
+    __tablename__ = "subscriptions"
+
+    subscription_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    status: Mapped[str] = mapped_column(String(64))
+    product_id: Mapped[str] = mapped_column(String(255))
+    quantity: Mapped[int] = mapped_column(Integer)
+    customer_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    next_billing_date: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    previous_billing_date: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_at_next_billing_date: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class SubscriptionHistory(Base):
+    """One row per distinct subscription event: renewals, holds, plan changes, cancellation."""
+
+    __tablename__ = "subscription_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[str] = mapped_column(String(255), index=True)
+    webhook_id: Mapped[str] = mapped_column(String(255), unique=True)
+    type: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(64))
+    product_id: Mapped[str] = mapped_column(String(255))
+    quantity: Mapped[int] = mapped_column(Integer)
+    event_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    webhook_ts: Mapped[int] = mapped_column(BigInteger)
+
+
+class LicenseKey(SnapshotMixin, Base):
+    __tablename__ = "license_keys"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(64))
+    customer_id: Mapped[str] = mapped_column(String(255), index=True)
+    product_id: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class CreditEntry(Base):
+    """A credit ledger entry, held once by its Dodo id whatever delivery brought it."""
+
+    __tablename__ = "credit_entries"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(255))
+    credit_entitlement_id: Mapped[str] = mapped_column(String(255))
+    transaction_type: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(255))
+    is_credit: Mapped[bool] = mapped_column(Boolean)
+    amount: Mapped[Decimal] = mapped_column(ExactDecimal)
+    balance_before: Mapped[Decimal] = mapped_column(ExactDecimal)
+    balance_after: Mapped[Decimal] = mapped_column(ExactDecimal)
+    overage_before: Mapped[Decimal] = mapped_column(ExactDecimal)
+    overage_after: Mapped[Decimal] = mapped_column(ExactDecimal)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    webhook_id: Mapped[str] = mapped_column(String(255))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index(
+            "ix_credit_entries_account_created",
+            "customer_id",
+            "credit_entitlement_id",
+            "created_at",
+        ),
+    )
+
+
+class CreditBalance(Base):
+    """Per (customer, entitlement): the balance derived from the ledger, and the latest alert."""
+
+    __tablename__ = "credit_balances"
+
+    customer_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    credit_entitlement_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    balance: Mapped[Decimal | None] = mapped_column(ExactDecimal)
+    overage: Mapped[Decimal | None] = mapped_column(ExactDecimal)
+    chain_ok: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_entry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_entry_id: Mapped[str | None] = mapped_column(String(255))
+    entry_count: Mapped[int] = mapped_column(Integer, default=0)
+    alert_available_balance: Mapped[Decimal | None] = mapped_column(ExactDecimal)
+    alert_threshold_percent: Mapped[int | None] = mapped_column(Integer)
+    alert_threshold_amount: Mapped[Decimal | None] = mapped_column(ExactDecimal)
+    alert_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    alert_webhook_ts: Mapped[int | None] = mapped_column(BigInteger)
+    alert_webhook_id: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

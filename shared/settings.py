@@ -1,0 +1,94 @@
+"""One Settings object read from the environment (and a `.env` file)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from standardwebhooks.webhooks import Webhook
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@localhost:5432/dodo_webhooks"
+
+
+class ConfigError(Exception):
+    """A misconfiguration, explained in one line that names the variable."""
+
+
+def parse_secrets(value: str | list[str] | None) -> list[str]:
+    """Split `whsec_a whsec_b` or `whsec_a,whsec_b` and check that each one decodes."""
+    if value is None:
+        return []
+    parts = value if isinstance(value, list) else re.split(r"[\s,]+", value)
+    secrets = [part.strip() for part in parts if part.strip()]
+    for position, secret in enumerate(secrets, start=1):
+        try:
+            Webhook(secret)
+        except Exception as exc:
+            # An empty secret verifies against an empty key, which anyone can forge.
+            raise ValueError(
+                f"secret #{position} is not a valid Standard Webhooks secret "
+                f"(expected whsec_<base64>): {type(exc).__name__}"
+            ) from None
+    return secrets
+
+
+class Settings(BaseSettings):
+    """Configuration; every field is an environment variable of the same name in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    dodo_payments_webhook_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = "redis://localhost:6379/0"
+    admin_token: str | None = None
+    max_attempts: int = Field(default=8, ge=1, le=100)
+
+    # Not in the public contract, but worth tuning.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # A claimed event whose worker has not finished after this long is re-driven.
+    lease_seconds: int = Field(default=300, ge=1)
+    # Pending/retrying events older than this without progress are queued again by beat.
+    redrive_after_seconds: int = Field(default=60, ge=1)
+    redrive_interval_seconds: float = Field(default=15.0, gt=0)
+    retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    retry_backoff_max_seconds: int = Field(default=600, ge=1)
+    # Redis redelivers an unacknowledged message after this; kept above the backoff cap.
+    broker_visibility_timeout: int = Field(default=3600, ge=60)
+    log_level: str = "INFO"
+
+    @field_validator("dodo_payments_webhook_key", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: str | list[str] | None) -> list[str]:
+        return parse_secrets(value)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _blank_token_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    def require_webhook_key(self) -> list[str]:
+        if not self.dodo_payments_webhook_key:
+            raise ConfigError(
+                "DODO_PAYMENTS_WEBHOOK_KEY is not set: give one or more whsec_… secrets "
+                "(Dodo dashboard → Webhooks → signing secret)"
+            )
+        return self.dodo_payments_webhook_key
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings, turning a validation error into one ConfigError line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{name}: {message}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

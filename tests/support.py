@@ -1,0 +1,190 @@
+"""Test helpers: signing deliveries, and real processes (gunicorn, celery) started and reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+from standardwebhooks.webhooks import Webhook
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OLD_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def signed_headers(
+    body: str | bytes,
+    *,
+    webhook_id: str,
+    secret: str = SECRET,
+    at: datetime | None = None,
+) -> dict[str, str]:
+    """Headers as Dodo sends them, signed by the standardwebhooks library itself."""
+    at = at or datetime.now(UTC)
+    text = body.decode() if isinstance(body, bytes) else body
+    return {
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(webhook_id, at, text),
+        "content-type": "application/json",
+    }
+
+
+def envelope(event_type: str, data: Mapping[str, Any], *, timestamp: datetime | str) -> str:
+    ts = timestamp if isinstance(timestamp, str) else timestamp.isoformat()
+    return json.dumps(
+        {"business_id": "bus_test", "type": event_type, "timestamp": ts, "data": dict(data)}
+    )
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # the thing waited for may not answer yet
+            last_exc = exc
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last_exc}")
+
+
+class ManagedProcess:
+    """A child process with its output in a log file, shown when a test fails."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=timeout)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+def service_env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "DODO_PAYMENTS_WEBHOOK_KEY": f"{SECRET} {OLD_SECRET}",
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+@contextmanager
+def gunicorn(env: Mapping[str, str], log_dir: Path, *, workers: int = 2) -> Iterator[str]:
+    """`gunicorn "ingest:create_app()"` as a user runs it; yields its base URL."""
+    port = free_port()
+    proc = ManagedProcess(
+        f"gunicorn-{port}",
+        [
+            str(VENV_BIN / "gunicorn"),
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            str(workers),
+            "ingest:create_app()",
+        ],
+        env,
+        log_dir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: requests.get(f"{url}/healthz", timeout=1).ok,
+            timeout=30,
+            what=f"gunicorn to answer; log:\n{proc.output()}",
+        )
+        yield url
+    finally:
+        proc.stop()
+
+
+@contextmanager
+def celery_worker(
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    name: str = "w1",
+    concurrency: int = 2,
+    extra: list[str] | None = None,
+) -> Iterator[ManagedProcess]:
+    """`celery -A workers worker` as a user runs it (prefork pool)."""
+    proc = ManagedProcess(
+        f"worker-{name}",
+        [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "workers",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            *(extra or []),
+        ],
+        env,
+        log_dir,
+    )
+    try:
+        wait_until(
+            lambda: "ready." in proc.output(),
+            timeout=60,
+            what=f"celery worker to be ready; log:\n{proc.output()}",
+        )
+        yield proc
+    finally:
+        proc.stop()

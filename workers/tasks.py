@@ -1,0 +1,287 @@
+"""The Celery tasks: claim a recorded event, apply it in one transaction, retry or bury it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init
+from sqlalchemy import Engine, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import make_engine, make_sessionmaker, transaction, utcnow
+from shared.logs import get_logger, log_step
+from shared.models import EventStatus, Outcome, WebhookEvent
+from shared.queue import PROCESS_EVENT, REDRIVE, enqueue
+from shared.schemas import EventValidationError, parse_event
+from shared.settings import Settings
+from workers import app, settings
+from workers.handlers import ROUTES, Delivery
+
+log = get_logger("worker")
+
+_engine: tuple[int, Engine, sessionmaker[Session]] | None = None
+
+
+def sessions() -> sessionmaker[Session]:
+    """This process's session factory; a forked pool child never reuses its parent's sockets."""
+    global _engine
+    if _engine is None or _engine[0] != os.getpid():
+        engine = make_engine(settings.database_url)
+        _engine = (os.getpid(), engine, make_sessionmaker(engine))
+    return _engine[2]
+
+
+@worker_process_init.connect
+def _fresh_engine_after_fork(**_: Any) -> None:
+    global _engine
+    _engine = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    webhook_id: str
+    type: str | None
+    body: bytes
+    attempt: int
+    webhook_ts: int
+    event_at: datetime | None
+
+
+class LostClaim(Exception):
+    """Another worker claimed the event after this one's lease ran out; this attempt stands down."""
+
+
+def claim_event(
+    factory: sessionmaker[Session], webhook_id: str, lease_seconds: int, after_attempt: int | None
+) -> Claim | None:
+    """Mark the event processing and count the attempt, in its own committed transaction.
+
+    Returns None when there is nothing to do: already final, or claimed by a live worker.
+    """
+    now = utcnow()
+    claimable = [
+        WebhookEvent.status.in_([EventStatus.PENDING, EventStatus.RETRYING]),
+        (WebhookEvent.status == EventStatus.PROCESSING) & (WebhookEvent.lease_expires_at < now),
+    ]
+    if after_attempt is not None:
+        # The retry of an attempt whose failure could not be written (database down).
+        claimable.append(
+            (WebhookEvent.status == EventStatus.PROCESSING)
+            & (WebhookEvent.attempts == after_attempt)
+        )
+    stmt = (
+        update(WebhookEvent)
+        .where(WebhookEvent.webhook_id == webhook_id, or_(*claimable))
+        .values(
+            status=EventStatus.PROCESSING,
+            attempts=WebhookEvent.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+        )
+        .returning(
+            WebhookEvent.type,
+            WebhookEvent.body,
+            WebhookEvent.attempts,
+            WebhookEvent.webhook_ts,
+            WebhookEvent.event_at,
+        )
+    )
+    with transaction(factory) as session:
+        row = session.execute(stmt).first()
+    if row is None:
+        return None
+    return Claim(webhook_id, row.type, row.body, row.attempts, row.webhook_ts, row.event_at)
+
+
+def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | None]:
+    """Run the routed handler and mark the event final, inside the caller's transaction."""
+    held = session.execute(
+        select(WebhookEvent)
+        .where(
+            WebhookEvent.webhook_id == claim.webhook_id,
+            WebhookEvent.status == EventStatus.PROCESSING,
+            WebhookEvent.attempts == claim.attempt,
+        )
+        .with_for_update()
+    ).scalar_one_or_none()
+    if held is None:
+        raise LostClaim(claim.webhook_id)
+    handler = ROUTES.get(claim.type or "")
+    event = parse_event(claim.type, claim.body) if handler and claim.type else None
+    if handler is None or event is None or claim.event_at is None:
+        status, outcome = EventStatus.IGNORED, None
+    else:
+        delivery = Delivery(claim.webhook_id, claim.webhook_ts, claim.event_at)
+        status, outcome = EventStatus.PROCESSED, handler(session, event, delivery)
+    held.status = status
+    held.outcome = outcome
+    held.last_error = None
+    held.lease_expires_at = None
+    held.next_attempt_at = None
+    held.processed_at = utcnow()
+    return status, outcome
+
+
+def settle_failure(
+    factory: sessionmaker[Session],
+    claim: Claim,
+    *,
+    status: EventStatus,
+    error: str,
+    next_attempt_at: datetime | None = None,
+) -> bool:
+    """Record a failed attempt as retrying or dead, if this attempt still holds the event."""
+    with transaction(factory) as session:
+        result = session.execute(
+            update(WebhookEvent)
+            .where(
+                WebhookEvent.webhook_id == claim.webhook_id,
+                WebhookEvent.status == EventStatus.PROCESSING,
+                WebhookEvent.attempts == claim.attempt,
+            )
+            .values(
+                status=status,
+                last_error=error[:2000],
+                lease_expires_at=None,
+                next_attempt_at=next_attempt_at,
+                processed_at=utcnow() if status == EventStatus.DEAD else None,
+            )
+        )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def backoff_seconds(attempt: int, config: Settings) -> float:
+    """Exponential with full jitter, capped below the broker's visibility timeout."""
+    cap = min(config.retry_backoff_max_seconds, config.broker_visibility_timeout // 2)
+    ceiling = min(cap, config.retry_backoff_base_seconds * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+@app.task(name=PROCESS_EVENT, bind=True, max_retries=None, acks_late=True)
+def process_event(self: Task, webhook_id: str, after_attempt: int | None = None) -> str:
+    factory = sessions()
+    try:
+        claim = claim_event(factory, webhook_id, settings.lease_seconds, after_attempt)
+    except Exception as exc:
+        # Nothing was claimed (database down?): ask again later, without counting an attempt.
+        log.warning(
+            "claim failed",
+            extra={"step": "retry", "webhook_id": webhook_id, "error": describe(exc)},
+        )
+        raise self.retry(countdown=backoff_seconds(1, settings), exc=exc) from None
+    if claim is None:
+        return "skipped"
+    fields: dict[str, Any] = {
+        "webhook_id": webhook_id,
+        "type": claim.type,
+        "attempt": claim.attempt,
+    }
+    if claim.attempt > settings.max_attempts:
+        # Earlier attempts died without a word (worker killed): this one stops the loop.
+        error = f"gave up after {settings.max_attempts} attempts without a result"
+        settle_failure(factory, claim, status=EventStatus.DEAD, error=error)
+        log_step(log, "dead", level=logging.WARNING, error=error, **fields)
+        return "dead"
+    log_step(log, "processing", **fields)
+    try:
+        with transaction(factory) as session:
+            status, outcome = apply_event(session, claim)
+    except LostClaim:
+        return "skipped"
+    except EventValidationError as exc:
+        settle_failure(factory, claim, status=EventStatus.DEAD, error=str(exc))
+        log_step(log, "dead", level=logging.WARNING, error=str(exc), **fields)
+        return "dead"
+    except Exception as exc:
+        error = describe(exc)
+        if claim.attempt >= settings.max_attempts:
+            settle_failure(factory, claim, status=EventStatus.DEAD, error=error)
+            log_step(log, "dead", level=logging.WARNING, error=error, **fields)
+            return "dead"
+        countdown = backoff_seconds(claim.attempt, settings)
+        # If this cannot be written, the retry message's after_attempt still lets it claim.
+        with contextlib.suppress(Exception):
+            settle_failure(
+                factory,
+                claim,
+                status=EventStatus.RETRYING,
+                error=error,
+                next_attempt_at=utcnow() + timedelta(seconds=countdown),
+            )
+        log_step(
+            log,
+            "retry",
+            level=logging.WARNING,
+            error=error,
+            countdown=round(countdown, 2),
+            **fields,
+        )
+        raise self.retry(
+            args=[webhook_id],
+            kwargs={"after_attempt": claim.attempt},
+            countdown=countdown,
+            exc=exc,
+        ) from None
+    log_step(log, str(status), outcome=outcome, **fields)
+    return str(status)
+
+
+@app.task(name=REDRIVE, ignore_result=True)
+def redrive() -> int:
+    """Queue again what is recorded but not moving: pending, retrying past due, lease expired."""
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.redrive_after_seconds)
+    factory = sessions()
+    with transaction(factory) as session:
+        rows = session.execute(
+            select(WebhookEvent.webhook_id, WebhookEvent.type)
+            .where(
+                or_(
+                    (WebhookEvent.status == EventStatus.PENDING)
+                    & or_(WebhookEvent.enqueued_at.is_(None), WebhookEvent.enqueued_at < stale),
+                    (WebhookEvent.status == EventStatus.RETRYING)
+                    & (WebhookEvent.next_attempt_at < stale),
+                    (WebhookEvent.status == EventStatus.PROCESSING)
+                    & (WebhookEvent.lease_expires_at < now),
+                )
+            )
+            .limit(5000)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            enqueue(app, row.webhook_id, row.type)
+        if rows:
+            session.execute(
+                update(WebhookEvent)
+                .where(
+                    WebhookEvent.webhook_id.in_([r.webhook_id for r in rows]),
+                    WebhookEvent.status == EventStatus.PENDING,
+                )
+                .values(enqueued_at=now)
+            )
+            session.execute(
+                update(WebhookEvent)
+                .where(
+                    WebhookEvent.webhook_id.in_([r.webhook_id for r in rows]),
+                    WebhookEvent.status == EventStatus.RETRYING,
+                )
+                .values(next_attempt_at=now + timedelta(seconds=settings.redrive_after_seconds))
+            )
+    if rows:
+        log.info("re-drove events", extra={"step": "redrive", "count": len(rows)})
+    return len(rows)
+
+
+app.conf.beat_schedule = {
+    "redrive-stuck-events": {"task": REDRIVE, "schedule": settings.redrive_interval_seconds},
+}
