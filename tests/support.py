@@ -82,7 +82,8 @@ class ManagedProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             argv,
-            env={**os.environ, **env},
+            # The checkout under test, even when the venv's editable install points elsewhere.
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
