@@ -1,0 +1,7 @@
+"""Applying disputes events to the read model."""
+
+from __future__ import annotations
+
+from workers.handlers.base import Handler
+
+ROUTES: dict[str, Handler] = {}
