@@ -1,0 +1,315 @@
+"""POST /webhooks/dodo: what is accepted, what is refused; a refusal leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, func, select
+
+from ingest import create_app
+from shared.models import EventStatus, WebhookEvent
+from shared.settings import Settings
+from tests.support import OLD_SECRET, SECRET, envelope, signed_headers
+
+URL = "/webhooks/dodo"
+BODY = envelope("payment.succeeded", {"payment_id": "pay_1"}, timestamp="2026-01-01T00:00:00Z")
+
+
+@pytest.fixture
+def make_app() -> Iterator[Callable[[Settings], Flask]]:
+    """create_app, with each app's connections closed at the end of the test."""
+    apps: list[Flask] = []
+
+    def make(settings: Settings) -> Flask:
+        apps.append(create_app(settings))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.extensions["dodo"].engine.dispose()
+        app.extensions["dodo"].redis.close()
+
+
+@pytest.fixture
+def app(settings: Settings, make_app: Callable[[Settings], Flask]) -> Flask:
+    return make_app(settings)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def recorded(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(WebhookEvent)).scalar_one())
+
+
+def event_row(engine: Engine, webhook_id: str) -> WebhookEvent:
+    with engine.connect() as conn:
+        row = conn.execute(select(WebhookEvent).where(WebhookEvent.webhook_id == webhook_id))
+        return row.one()  # type: ignore[return-value]
+
+
+class TestAcceptedDeliveries:
+    def test_new_delivery_is_recorded_and_answered_202_queued(
+        self, client: FlaskClient, clean_db: Engine
+    ) -> None:
+        answer = client.post(URL, data=BODY, headers=signed_headers(BODY, webhook_id="msg_1"))
+        assert answer.status_code == 202
+        assert answer.json == {"status": "queued", "webhook_id": "msg_1"}
+        row = event_row(clean_db, "msg_1")
+        assert row.status == EventStatus.PENDING
+        assert row.type == "payment.succeeded"
+        assert bytes(row.body) == BODY.encode()
+        assert row.event_at == datetime(2026, 1, 1, tzinfo=UTC)
+
+    def test_duplicate_is_answered_200_and_creates_nothing_new(
+        self, client: FlaskClient, clean_db: Engine
+    ) -> None:
+        headers = signed_headers(BODY, webhook_id="msg_dup")
+        assert client.post(URL, data=BODY, headers=headers).status_code == 202
+        again = client.post(URL, data=BODY, headers=headers)
+        assert again.status_code == 200
+        assert again.json == {"status": "duplicate", "webhook_id": "msg_dup"}
+        assert recorded(clean_db) == 1
+
+    def test_delivery_signed_with_the_older_secret_is_accepted(self, client: FlaskClient) -> None:
+        headers = signed_headers(BODY, webhook_id="msg_old", secret=OLD_SECRET)
+        assert client.post(URL, data=BODY, headers=headers).status_code == 202
+
+    def test_one_right_signature_among_several_is_accepted(self, client: FlaskClient) -> None:
+        headers = signed_headers(BODY, webhook_id="msg_multi")
+        wrong = signed_headers(BODY, webhook_id="msg_multi", secret="whsec_" + "A" * 32)
+        headers["webhook-signature"] = " ".join(
+            ["v2,abcd", wrong["webhook-signature"], headers["webhook-signature"]]
+        )
+        assert client.post(URL, data=BODY, headers=headers).status_code == 202
+
+    def test_signature_from_another_secret_is_401(
+        self, client: FlaskClient, clean_db: Engine
+    ) -> None:
+        headers = signed_headers(BODY, webhook_id="msg_x", secret="whsec_" + "B" * 32)
+        assert client.post(URL, data=BODY, headers=headers).status_code == 401
+        assert recorded(clean_db) == 0
+
+    def test_queue_down_still_acknowledges_what_was_recorded(
+        self, settings: Settings, clean_db: Engine, make_app: Callable[[Settings], Flask]
+    ) -> None:
+        """Redis carries only the work signal: the durable record is what the 2xx promises."""
+        app = make_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+        app.extensions["dodo"].celery.conf.broker_transport_options["max_retries"] = 0
+        answer = app.test_client().post(
+            URL, data=BODY, headers=signed_headers(BODY, webhook_id="msg_noq")
+        )
+        assert answer.status_code == 202
+        assert event_row(clean_db, "msg_noq").status == EventStatus.PENDING
+
+    def test_database_down_answers_503_and_records_nothing(
+        self, settings: Settings, make_app: Callable[[Settings], Flask]
+    ) -> None:
+        down = settings.model_copy(
+            update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"}
+        )
+        answer = (
+            make_app(down)
+            .test_client()
+            .post(URL, data=BODY, headers=signed_headers(BODY, webhook_id="msg_503"))
+        )
+        assert answer.status_code == 503
+        assert "retry" in answer.json["error"]
+
+
+class TestSignedButInvalidEvents:
+    """A body that verifies is Dodo's: it is kept and goes dead with the reason, never dropped."""
+
+    @pytest.mark.parametrize(
+        ("body", "reason"),
+        [
+            ("not json at all", "Invalid JSON"),
+            ("[1, 2]", "object"),
+            (
+                json.dumps({"business_id": "b", "timestamp": "2026-01-01T00:00:00Z", "data": {}}),
+                "type",
+            ),
+            (
+                json.dumps(
+                    {
+                        "business_id": "b",
+                        "type": "payment.succeeded",
+                        "data": {},
+                        "timestamp": "yesterday",
+                    }
+                ),
+                "timestamp",
+            ),
+            ('{"business_id": "b", "type": "x\\u0000y", "data": {}, "timestamp": "2026"}', "type"),
+        ],
+    )
+    def test_is_recorded_dead_with_the_reason_and_answered_2xx(
+        self, client: FlaskClient, clean_db: Engine, body: str, reason: str
+    ) -> None:
+        answer = client.post(URL, data=body, headers=signed_headers(body, webhook_id="msg_bad"))
+        assert answer.status_code == 202
+        assert answer.json["status"] == "dead"
+        row = event_row(clean_db, "msg_bad")
+        assert row.status == EventStatus.DEAD
+        assert reason in (row.last_error or "")
+        assert bytes(row.body) == body.encode()
+
+
+def tamper(headers: dict[str, str], **changes: str) -> dict[str, str]:
+    return {**headers, **{k.replace("_", "-"): v for k, v in changes.items()}}
+
+
+NOW = datetime.now(UTC)
+
+
+class TestHostileDeliveries:
+    """Each is refused with its status, and nothing is recorded."""
+
+    @pytest.mark.parametrize(
+        ("mutate", "status"),
+        [
+            (lambda h: {k: v for k, v in h.items() if k != "webhook-id"}, 401),
+            (lambda h: {k: v for k, v in h.items() if k != "webhook-timestamp"}, 401),
+            (lambda h: {k: v for k, v in h.items() if k != "webhook-signature"}, 401),
+            (lambda h: tamper(h, webhook_timestamp=str(int(NOW.timestamp()) - 400)), 401),
+            (lambda h: tamper(h, webhook_timestamp=str(int(NOW.timestamp()) + 400)), 401),
+            (lambda h: tamper(h, webhook_timestamp="soon"), 401),
+            (lambda h: tamper(h, webhook_timestamp="-1"), 401),
+            (lambda h: tamper(h, webhook_timestamp="9" * 40), 401),
+            (lambda h: tamper(h, webhook_timestamp="1e400"), 401),
+            (lambda h: tamper(h, webhook_timestamp="nan"), 401),
+            (lambda h: tamper(h, webhook_signature="v1"), 400),
+            (lambda h: tamper(h, webhook_signature="v1,a,b"), 400),
+            (lambda h: tamper(h, webhook_signature="v1,abc"), 400),
+            (lambda h: tamper(h, webhook_signature="v2,c2lnbmF0dXJl"), 401),
+            (lambda h: tamper(h, webhook_id="has space"), 400),
+            (lambda h: tamper(h, webhook_id="m" * 256), 400),
+        ],
+        ids=[
+            "no-id",
+            "no-timestamp",
+            "no-signature",
+            "timestamp-too-old",
+            "timestamp-too-new",
+            "timestamp-not-numeric",
+            "timestamp-negative",
+            "timestamp-enormous",
+            "timestamp-overflow",
+            "timestamp-nan",
+            "v1-without-comma",
+            "v1-two-commas",
+            "signature-not-base64",
+            "only-unknown-scheme",
+            "id-with-space",
+            "id-too-long",
+        ],
+    )
+    def test_malformed_headers_are_refused(
+        self, client: FlaskClient, clean_db: Engine, mutate: object, status: int
+    ) -> None:
+        headers = mutate(signed_headers(BODY, webhook_id="msg_h"))  # type: ignore[operator]
+        answer = client.post(URL, data=BODY, headers=headers)
+        assert answer.status_code == status
+        assert "error" in answer.json
+        assert recorded(clean_db) == 0
+
+    def test_body_changed_after_signing_is_401(self, client: FlaskClient, clean_db: Engine) -> None:
+        headers = signed_headers(BODY, webhook_id="msg_t")
+        answer = client.post(URL, data=BODY.replace("pay_1", "pay_2"), headers=headers)
+        assert answer.status_code == 401
+        assert recorded(clean_db) == 0
+
+    def test_non_utf8_body_is_400(self, client: FlaskClient, clean_db: Engine) -> None:
+        headers = signed_headers(BODY, webhook_id="msg_u")
+        answer = client.post(URL, data=b"\xff\xfe" + BODY.encode(), headers=headers)
+        assert answer.status_code == 400
+        assert recorded(clean_db) == 0
+
+    def test_body_over_the_limit_is_413(
+        self, client: FlaskClient, clean_db: Engine, settings: Settings
+    ) -> None:
+        big = json.dumps({"pad": "x" * settings.max_body_bytes})
+        answer = client.post(URL, data=big, headers=signed_headers(big, webhook_id="msg_big"))
+        assert answer.status_code == 413
+        assert recorded(clean_db) == 0
+
+    def test_signature_outside_the_window_is_401_even_when_correct(
+        self, client: FlaskClient
+    ) -> None:
+        at = datetime.now(UTC) - timedelta(minutes=6)
+        headers = signed_headers(BODY, webhook_id="msg_late", at=at)
+        assert client.post(URL, data=BODY, headers=headers).status_code == 401
+
+    def test_get_is_405_json(self, client: FlaskClient) -> None:
+        answer = client.get(URL)
+        assert answer.status_code == 405
+        assert "error" in answer.json
+
+
+class TestEventsApi:
+    def test_event_status_needs_the_admin_token(self, client: FlaskClient) -> None:
+        assert client.get("/api/events/msg_1").status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert client.get("/api/events/msg_1", headers=wrong).status_code == 401
+
+    def test_unknown_event_is_404_json(self, client: FlaskClient) -> None:
+        answer = client.get("/api/events/nope", headers=admin())
+        assert answer.status_code == 404
+        assert "not found" in answer.json["error"]
+
+    def test_recorded_event_is_described(self, client: FlaskClient) -> None:
+        client.post(URL, data=BODY, headers=signed_headers(BODY, webhook_id="msg_api"))
+        answer = client.get("/api/events/msg_api", headers=admin())
+        assert answer.status_code == 200
+        assert answer.json["status"] == "pending"
+        assert set(answer.json) == {
+            "webhook_id",
+            "type",
+            "status",
+            "outcome",
+            "attempts",
+            "last_error",
+            "received_at",
+            "processed_at",
+        }
+
+    def test_admin_api_without_a_configured_token_is_503(
+        self, settings: Settings, make_app: Callable[[Settings], Flask]
+    ) -> None:
+        app = make_app(settings.model_copy(update={"admin_token": None}))
+        answer = app.test_client().get("/api/events/x", headers=admin())
+        assert answer.status_code == 503
+        assert "ADMIN_TOKEN" in answer.json["error"]
+
+
+def admin() -> dict[str, str]:
+    from tests.support import ADMIN_TOKEN
+
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class TestHealth:
+    def test_healthz_is_200(self, client: FlaskClient) -> None:
+        assert client.get("/healthz").status_code == 200
+
+    def test_readyz_is_200_when_database_and_redis_answer(self, client: FlaskClient) -> None:
+        assert client.get("/readyz").json == {"status": "ready"}
+
+    def test_readyz_names_what_failed(
+        self, settings: Settings, make_app: Callable[[Settings], Flask]
+    ) -> None:
+        app = make_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+        answer = app.test_client().get("/readyz")
+        assert answer.status_code == 503
+        assert set(answer.json["failed"]) == {"redis"}
+
+
+_ = SECRET
