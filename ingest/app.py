@@ -10,7 +10,7 @@ from typing import Any
 import redis
 from celery import Celery
 from flask import Flask, Response, current_app, jsonify, request
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from werkzeug.exceptions import HTTPException
 
 from ingest.metrics import IngestMetrics, ingest_metrics
@@ -18,7 +18,7 @@ from ingest.verify import Verifier
 from shared.db import make_engine
 from shared.logs import configure_logging, get_logger
 from shared.queue import make_celery
-from shared.settings import ConfigError, Settings, get_settings
+from shared.settings import ConfigError, Settings, first_line, get_settings, redact_url
 
 log = get_logger("ingest")
 
@@ -33,14 +33,30 @@ class IngestState:
     redis: redis.Redis
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+# gunicorn's "application failed to load": the master stops instead of respawning workers.
+APP_LOAD_ERROR = 4
+
+
+def create_app(settings: Settings | None = None, *, check_connections: bool = True) -> Flask:
+    """The ingest. With `check_connections`, an unreachable database or Redis stops the start."""
     try:
         settings = settings or get_settings()
         secrets = settings.require_webhook_key()
+        engine = make_engine(settings.database_url)
+        redis_client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
+        if check_connections:
+            try:
+                check_reachable(engine, redis_client, settings)
+            except ConfigError:
+                engine.dispose()
+                redis_client.close()
+                raise
     except ConfigError as exc:
         # Under gunicorn a traceback here would bury the one line the operator needs.
         print(f"dodo-webhooks ingest: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(APP_LOAD_ERROR) from None
     configure_logging(settings.log_level)
 
     app = Flask("ingest")
@@ -48,11 +64,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["dodo"] = IngestState(
         settings=settings,
-        engine=make_engine(settings.database_url),
+        engine=engine,
         celery=make_celery(settings),
         verifier=Verifier(secrets),
         metrics=ingest_metrics(),
-        redis=redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2),
+        redis=redis_client,
     )
 
     from ingest import api, health, webhooks
@@ -63,6 +79,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+def check_reachable(engine: Engine, redis_client: redis.Redis, settings: Settings) -> None:
+    """Fail fast at start, naming the variable, rather than answer 503 to everything."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise ConfigError(
+            f"DATABASE_URL: cannot connect to {redact_url(settings.database_url)}: "
+            f"{first_line(exc)}"
+        ) from None
+    try:
+        redis_client.ping()
+    except Exception as exc:
+        raise ConfigError(
+            f"REDIS_URL: cannot connect to {redact_url(settings.redis_url)}: {first_line(exc)}"
+        ) from None
 
 
 def state() -> IngestState:

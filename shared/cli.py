@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from shared.settings import ConfigError, load_settings
+from shared.settings import ConfigError, first_line, load_settings, redact_url
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -20,29 +20,14 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         upgrade(url, args.revision)
     except Exception as exc:
         raise CommandError(
-            f"DATABASE_URL: could not migrate {redact(url)}: {first_line(exc)}"
+            f"DATABASE_URL: could not migrate {redact_url(url)}: {first_line(exc)}"
         ) from None
-    print(f"database {redact(url)} is at revision {args.revision}")
+    print(f"database {redact_url(url)} is at revision {args.revision}")
     return 0
 
 
 class CommandError(Exception):
     """Printed as one line, exit status 1."""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def redact(url: str) -> str:
-    """A URL fit for a terminal: the password hidden."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable URL>"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,6 +78,17 @@ class Settings(BaseSettings):
         return self.dodo_payments_webhook_key
 
 
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message` — enough for an operator, never a traceback."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a terminal or a log: the password hidden."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build Settings, turning a validation error into one ConfigError line naming the variable."""
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -12,9 +14,18 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
 from ingest import create_app
+from ingest.app import APP_LOAD_ERROR
 from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
-from tests.support import OLD_SECRET, SECRET, envelope, signed_headers
+from tests.support import (
+    OLD_SECRET,
+    ROOT,
+    SECRET,
+    VENV_BIN,
+    envelope,
+    free_port,
+    signed_headers,
+)
 
 URL = "/webhooks/dodo"
 BODY = envelope("payment.succeeded", {"payment_id": "pay_1"}, timestamp="2026-01-01T00:00:00Z")
@@ -26,7 +37,7 @@ def make_app() -> Iterator[Callable[[Settings], Flask]]:
     apps: list[Flask] = []
 
     def make(settings: Settings) -> Flask:
-        apps.append(create_app(settings))
+        apps.append(create_app(settings, check_connections=False))
         return apps[-1]
 
     yield make
@@ -294,6 +305,54 @@ def admin() -> dict[str, str]:
     from tests.support import ADMIN_TOKEN
 
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class TestStartup:
+    """Misconfiguration stops the start with one line naming the variable."""
+
+    @pytest.mark.parametrize(
+        ("update", "variable"),
+        [
+            ({"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/x"}, "DATABASE_URL"),
+            ({"redis_url": "redis://:hunter2@127.0.0.1:1/0"}, "REDIS_URL"),
+            ({"dodo_payments_webhook_key": []}, "DODO_PAYMENTS_WEBHOOK_KEY"),
+        ],
+    )
+    def test_create_app_exits_with_one_line_naming_the_variable(
+        self,
+        settings: Settings,
+        update: dict[str, object],
+        variable: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        with pytest.raises(SystemExit) as stopped:
+            create_app(settings.model_copy(update=update))
+        assert stopped.value.code == APP_LOAD_ERROR
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1
+        assert err[0].startswith(f"dodo-webhooks ingest: {variable}")
+        assert "hunter2" not in err[0]
+
+    def test_gunicorn_stops_instead_of_respawning_on_a_malformed_secret(
+        self, env: dict[str, str]
+    ) -> None:
+        argv = [str(VENV_BIN / "gunicorn"), "-b", f"127.0.0.1:{free_port()}", "ingest:create_app()"]
+        done = subprocess.run(
+            argv,
+            env={
+                **os.environ,
+                **env,
+                "DODO_PAYMENTS_WEBHOOK_KEY": "whsec_%%%",
+                "PYTHONPATH": str(ROOT),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert done.returncode != 0
+        assert "DODO_PAYMENTS_WEBHOOK_KEY: secret #1 is not a valid" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 class TestHealth:

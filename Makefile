@@ -1,0 +1,32 @@
+# Everyday commands; `make help` lists them.
+PY ?= .venv/bin/python
+VENV_BIN := .venv/bin
+
+.PHONY: help venv dev test test-fast lint bench up faults
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+venv: ## create .venv and install the project with its test tools
+	python3 -m venv .venv && $(VENV_BIN)/pip install -q -e '.[test]'
+
+dev: ## run the whole pipeline locally (embedded broker, SQLite)
+	$(VENV_BIN)/dodo-webhooks dev
+
+test: ## the full suite (needs PostgreSQL on 127.0.0.1:5432 and redis-server on PATH)
+	$(VENV_BIN)/pytest
+
+test-fast: ## the suite without the slow end-to-end and fault-injection tests
+	$(VENV_BIN)/pytest -m "not slow"
+
+lint: ## ruff, formatting, mypy --strict
+	$(VENV_BIN)/ruff check . && $(VENV_BIN)/ruff format --check . && $(VENV_BIN)/mypy shared ingest workers
+
+bench: ## the benchmark (ingest and end to end, against floors measured in the same run)
+	$(PY) -m bench
+
+faults: ## the full-size fault-injection suite (2,000 events per scenario)
+	FAULT_EVENTS=2000 $(VENV_BIN)/pytest tests/faults -s
+
+up: ## docker compose up (needs a Docker engine)
+	docker compose up --build
