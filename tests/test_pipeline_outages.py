@@ -75,6 +75,7 @@ class TestPostgresOutage:
                 what="the event to be processed",
             )
         assert final["attempts"] == 1
+        assert final["outcome"] == "applied"
         engine = make_engine(own_postgres.url())
         with engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(WebhookEvent)).scalar_one() == 1
