@@ -11,7 +11,17 @@ import os
 import sys
 
 from dotenv import dotenv_values
+from flower.views.monitor import Metrics
 from tornado.options import options
+from tornado.web import authenticated
+
+
+def _require_login_for_metrics() -> None:
+    # Flower 2.x answers /metrics without asking for credentials, unlike every other page.
+    # Prometheus can send basic auth; /healthcheck stays open for Docker's health check.
+    if not getattr(Metrics.get, "__wrapped__", None):
+        Metrics.get = authenticated(Metrics.get)  # type: ignore[method-assign]
+
 
 # Flower applies the environment and the command line before reading this file.
 if not (options.basic_auth or options.auth):
@@ -26,3 +36,5 @@ if not (options.basic_auth or options.auth):
             file=sys.stderr,
         )
         raise SystemExit(2)
+
+_require_login_for_metrics()

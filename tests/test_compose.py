@@ -542,6 +542,12 @@ class TestServicesOnHost:
         refused = subprocess.run(["/bin/sh", "-c", shell], env=path, timeout=30, check=False)
         assert (ok.returncode, refused.returncode != 0) == (0, True)
 
+    def test_postgres_health_check_passes(self, stack: Stack) -> None:
+        check = service(stack.resolved, "postgres")["healthcheck"]["test"]
+        database = make_url(str(stack.engine.url)).database or ""
+        shell = check[1].replace("dodo_webhooks", database)
+        assert subprocess.run(["/bin/sh", "-c", shell], timeout=30, check=False).returncode == 0
+
     def test_ingest_answers_liveness_and_readiness(self, stack: Stack) -> None:
         assert requests.get(f"{stack.ingest}/healthz", timeout=5).status_code == 200
         ready = requests.get(f"{stack.ingest}/readyz", timeout=5)
@@ -628,7 +634,7 @@ class TestServicesOnHost:
             timeout=60,
             what=f"flower; logs:\n{stack.logs()}",
         )
-        for path in ("/", "/workers", "/api/workers", "/tasks"):
+        for path in ("/", "/workers", "/api/workers", "/tasks", "/metrics"):
             assert requests.get(f"{stack.flower}{path}", timeout=5).status_code == 401, path
         wrong = requests.get(f"{stack.flower}/api/workers", auth=("ops", "guess"), timeout=5)
         assert wrong.status_code == 401
