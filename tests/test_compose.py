@@ -30,6 +30,7 @@ import yaml
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Engine, make_url
 
+from shared.catalog import EVENT_QUEUES, MAINTENANCE_QUEUE
 from shared.db import make_engine, utcnow
 from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
@@ -49,6 +50,7 @@ from tests.support import (
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
+DEDICATED_FILE = ROOT / "docker-compose.dedicated.yml"
 REDIS_PASSWORD = "redis-pw-0123"
 FLOWER_LOGIN = ("ops", "flower-pw-4567")
 # What an operator fills into .env.example; commas separate the secrets (docker-compose safe).
@@ -79,13 +81,14 @@ def write_dotenv(directory: Path, values: dict[str, str]) -> Path:
     return path
 
 
-def compose_config(project: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def compose_config(
+    project: Path, *extra: str, files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` of the repository's file with `project/.env` as the user's .env."""
     return subprocess.run(
         [
             docker_compose(),
-            "--file",
-            str(COMPOSE_FILE),
+            *(f"--file={path}" for path in files),
             "--project-directory",
             str(project),
             "--env-file",
@@ -223,6 +226,25 @@ class TestComposeFile:
         assert argv_of(resolved, "worker")[:4] == ["celery", "-A", "workers", "worker"]
         assert argv_of(resolved, "beat")[:4] == ["celery", "-A", "workers", "beat"]
         assert argv_of(resolved, "flower") == ["celery", "-A", "workers", "flower"]
+
+
+class TestDedicatedWorkers:
+    def test_every_queue_keeps_a_consumer(self, tmp_path: Path) -> None:
+        """docker-compose.dedicated.yml splits the queues between workers and forgets none."""
+        write_dotenv(tmp_path, FILLED_IN)
+        result = compose_config(tmp_path, files=(COMPOSE_FILE, DEDICATED_FILE))
+        assert result.returncode == 0, result.stderr
+        config = yaml.safe_load(result.stdout)
+        consumed: dict[str, list[str]] = {}
+        for name in ("worker", "worker-credits"):
+            argv = argv_of(config, name)
+            assert argv[:4] == ["celery", "-A", "workers", "worker"]
+            queues = argv[argv.index("-Q") + 1].split(",")
+            for queue in queues:
+                consumed.setdefault(queue, []).append(name)
+        assert consumed["credits"] == ["worker-credits"]
+        assert sorted(consumed) == sorted([*EVENT_QUEUES, MAINTENANCE_QUEUE])
+        assert all(len(names) == 1 for names in consumed.values())
 
 
 class TestEnvExample:
