@@ -348,8 +348,10 @@ def host_argv(argv: list[str]) -> list[str]:
 
 
 class TestFlowerAuthentication:
+    """flowerconfig.py: no dashboard without credentials."""
+
     def flower(
-        self, tmp_path: Path, redis_url: str, resolved: dict[str, Any], env: dict[str, str]
+        self, tmp_path: Path, redis_url: str, resolved: dict[str, Any]
     ) -> tuple[ManagedProcess, str]:
         # Flower reads flowerconfig.py (and .env) from its working directory: a copy in tmp_path
         # keeps a developer's own .env out of the test.
@@ -368,7 +370,6 @@ class TestFlowerAuthentication:
                 "REDIS_URL": redis_url,
                 "FLOWER_PORT": str(port),
                 "FLOWER_ADDRESS": "127.0.0.1",
-                **env,
             },
             tmp_path,
         )
@@ -382,7 +383,7 @@ class TestFlowerAuthentication:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
-        proc, _ = self.flower(tmp_path, redis_url, resolved, {})
+        proc, _ = self.flower(tmp_path, redis_url, resolved)
         try:
             assert proc.proc.wait(timeout=60) == 2
             assert "FLOWER_BASIC_AUTH is not set" in proc.output()
@@ -399,7 +400,7 @@ class TestFlowerAuthentication:
     ) -> None:
         monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
         (tmp_path / ".env").write_text("FLOWER_BASIC_AUTH=alice:s3cret\n")
-        proc, url = self.flower(tmp_path, redis_url, resolved, {})
+        proc, url = self.flower(tmp_path, redis_url, resolved)
         try:
             wait_until(
                 lambda: requests.get(f"{url}/", timeout=2).status_code == 401,
@@ -483,6 +484,7 @@ def stack(
             "GUNICORN_BIND": f"127.0.0.1:{ingest_port}",
             "FLOWER_PORT": str(flower_port),
             "FLOWER_ADDRESS": "127.0.0.1",
+            "GUNICORN_WORKERS": "2",  # a shared 2-core test machine
             "BEAT_SCHEDULE_FILE": str(schedule_dir / "celerybeat-schedule"),
             # Fast re-drive, so the test sees beat at work within seconds.
             "REDRIVE_INTERVAL_SECONDS": "1",
