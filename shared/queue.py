@@ -39,6 +39,7 @@ def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
         task_queues=[Queue(q) for q in (*EVENT_QUEUES, MAINTENANCE_QUEUE)],  # type: ignore[no-untyped-call]
         task_default_queue=MAINTENANCE_QUEUE,
         task_routes={REDRIVE: {"queue": MAINTENANCE_QUEUE}},
+        beat_schedule_filename=settings.beat_schedule_file,
         worker_send_task_events=True,
         task_send_sent_event=False,
         timezone="UTC",

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     retry_backoff_max_seconds: int = Field(default=600, ge=1)
     # Redis redelivers an unacknowledged message after this; kept above the backoff cap.
     broker_visibility_timeout: int = Field(default=3600, ge=60)
+    # Where `celery beat` keeps its schedule; relative to the working directory (Celery's
+    # default). A read-only container points it at a tmpfs, e.g. /tmp/celerybeat-schedule.
+    beat_schedule_file: str = "celerybeat-schedule"
     log_level: str = "INFO"
 
     @field_validator("dodo_payments_webhook_key", mode="before")
