@@ -10,6 +10,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared import deadletters
@@ -125,15 +126,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     sent = None
     if result.requeued:
         # After the commit: a worker that picks the message up must find the event pending.
-        from shared.queue import make_celery
-
-        celery = make_celery(settings)
-        # One quick publish attempt: when Redis is away the events wait for the re-drive job.
-        celery.conf.task_publish_retry = False
-        try:
-            sent = deadletters.enqueue_requeued(celery, result.requeued)
-        finally:
-            celery.close()
+        sent = _enqueue(settings, result.requeued)
     notes = deadletters.requeue_notes(
         result, sent, redrive_after_seconds=settings.redrive_after_seconds
     )
@@ -160,6 +153,29 @@ def cmd_retry(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"note: {note}")
     return 0
+
+
+def _enqueue(settings: Settings, requeued: list[tuple[str, str | None]]) -> deadletters.Sent:
+    """Queue on REDIS_URL; when Redis is away, say so at once instead of retrying for seconds:
+    the events are pending already and the re-drive job queues them."""
+    import redis
+
+    from shared.queue import make_celery
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:
+        return deadletters.Sent(0, f"REDIS_URL {redact(settings.redis_url)}: {first_line(exc)}")
+    finally:
+        client.close()
+    celery = make_celery(settings)
+    celery.conf.task_publish_retry = False
+    celery.conf.broker_connection_timeout = 2
+    try:
+        return deadletters.enqueue_requeued(celery, requeued)
+    finally:
+        celery.close()
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -190,6 +206,11 @@ def _session(settings: Settings) -> Iterator[Session]:
     try:
         with Session(bind=connection) as session:
             yield session
+    except DBAPIError as exc:
+        hint = ""
+        if "webhook_events" in str(exc.orig):
+            hint = " (is the schema there? run `dodo-webhooks db upgrade`)"
+        raise CommandError(f"DATABASE_URL {redact(url)}: {first_line(exc)}{hint}") from None
     finally:
         connection.close()
         engine.dispose()
