@@ -116,7 +116,9 @@ def retry_dead_letters() -> tuple[Response, int]:
     except FilterError as exc:
         return bad_request(exc)
     # After the commit: a worker that picks the message up must find the event pending.
-    sent = None if dry_run else deadletters.enqueue_requeued(ingest.celery, result.requeued)
+    sent = None
+    if not dry_run:
+        sent = deadletters.enqueue_requeued(ingest.celery, result.requeued, ping=ingest.redis.ping)
     answer: dict[str, Any] = {
         "matched": result.matched,
         "requeued": len(result.requeued),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -255,11 +255,27 @@ class Sent:
     error: str | None = None
 
 
-def enqueue_requeued(celery: Celery, requeued: Sequence[tuple[str, str | None]]) -> Sent:
+def enqueue_requeued(
+    celery: Celery,
+    requeued: Sequence[tuple[str, str | None]],
+    *,
+    ping: Callable[[], object] | None = None,
+) -> Sent:
     """Send the work signals for events already committed as `pending`; stop at the first
-    failure, since the re-drive job queues whatever stays pending."""
+    failure, since the re-drive job queues whatever stays pending.
+
+    `ping` (a Redis client's, with short timeouts) answers at once when Redis is away, where
+    kombu would spend seconds reconnecting before giving up.
+    """
     from shared.queue import enqueue
 
+    if requeued and ping is not None:
+        try:
+            ping()
+        except Exception as exc:
+            return Sent(
+                0, f"Redis (REDIS_URL): {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            )
     queued = 0
     for webhook_id, event_type in requeued:
         try:

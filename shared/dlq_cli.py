@@ -163,19 +163,14 @@ def _enqueue(settings: Settings, requeued: list[tuple[str, str | None]]) -> dead
     from shared.queue import make_celery
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except Exception as exc:
-        return deadletters.Sent(0, f"REDIS_URL {redact(settings.redis_url)}: {first_line(exc)}")
-    finally:
-        client.close()
     celery = make_celery(settings)
     celery.conf.task_publish_retry = False
     celery.conf.broker_connection_timeout = 2
     try:
-        return deadletters.enqueue_requeued(celery, requeued)
+        return deadletters.enqueue_requeued(celery, requeued, ping=client.ping)
     finally:
         celery.close()
+        client.close()
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -28,7 +28,7 @@ from tests.dead_letter_support import (
     store_event,
     wait_for_status,
 )
-from tests.support import ADMIN_TOKEN, wait_until
+from tests.support import ADMIN_TOKEN, free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -263,6 +263,25 @@ class TestRetryDeadLetters:
         assert (row.processed_at, row.lease_expires_at, row.next_attempt_at) == (None, None, None)
         assert event_row(clean_db, "msg_2").status == "dead"
         assert queued(settings.redis_url, "payments") == 1
+
+    def test_retry_with_redis_away_leaves_events_pending_for_the_redrive_and_says_so(
+        self, settings: Settings, clean_db: Engine
+    ) -> None:
+        away = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+        app = create_app(away)
+        store_event(clean_db, "msg_1", "payment.failed")
+        answer = app.test_client().post(
+            "/api/dead-letters/retry", json={"ids": ["msg_1"]}, headers=AUTH
+        )
+        app.extensions["dodo"].engine.dispose()
+        assert answer.status_code == 200
+        assert (answer.json["requeued"], answer.json["queued"]) == (1, 0)
+        [note] = answer.json["notes"]
+        assert note.startswith(
+            "1 event(s) are pending but could not be queued (Redis (REDIS_URL): "
+        )
+        assert "re-drive" in note
+        assert event_row(clean_db, "msg_1").status == "pending"
 
     def test_retry_without_any_filter_needs_all_true(
         self, client: FlaskClient, clean_db: Engine
