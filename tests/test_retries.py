@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
+import psycopg
 import pytest
 import redis
 import sqlalchemy.exc
@@ -270,6 +271,9 @@ class TestBackoff:
     def test_database_and_broker_outages_are_transient_and_bugs_are_not(self) -> None:
         lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed"))
         assert is_transient(lost)
+        for cause in (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            wrapped = sqlalchemy.exc.DBAPIError.instance("UPDATE", {}, cause("x"), psycopg.Error)
+            assert is_transient(wrapped), cause
         assert is_transient(redis.exceptions.ConnectionError("refused"))
         assert is_transient(ConnectionError("reset"))
         assert not is_transient(KeyError("customer_id"))
