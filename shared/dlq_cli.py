@@ -14,10 +14,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared import deadletters
-from shared.cli import CommandError, first_line, redact
+from shared.cli import CommandError
 from shared.deadletters import FilterError
 from shared.models import EventStatus, WebhookEvent
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, first_line, load_settings, redact_url
 
 ERROR_WIDTH = 60
 
@@ -196,7 +196,7 @@ def _session(settings: Settings) -> Iterator[Session]:
         connection = engine.connect()
     except Exception as exc:
         raise CommandError(
-            f"DATABASE_URL: cannot reach the database at {redact(url)}: {first_line(exc)}"
+            f"DATABASE_URL: cannot reach the database at {redact_url(url)}: {first_line(exc)}"
         ) from None
     try:
         with Session(bind=connection) as session:
@@ -205,7 +205,7 @@ def _session(settings: Settings) -> Iterator[Session]:
         hint = ""
         if "webhook_events" in str(exc.orig):
             hint = " (is the schema there? run `dodo-webhooks db upgrade`)"
-        raise CommandError(f"DATABASE_URL {redact(url)}: {first_line(exc)}{hint}") from None
+        raise CommandError(f"DATABASE_URL {redact_url(url)}: {first_line(exc)}{hint}") from None
     finally:
         connection.close()
         engine.dispose()

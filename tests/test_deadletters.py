@@ -268,7 +268,7 @@ class TestRetryDeadLetters:
         self, settings: Settings, clean_db: Engine
     ) -> None:
         away = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-        app = create_app(away)
+        app = create_app(away, check_connections=False)
         store_event(clean_db, "msg_1", "payment.failed")
         answer = app.test_client().post(
             "/api/dead-letters/retry", json={"ids": ["msg_1"]}, headers=AUTH
