@@ -87,7 +87,7 @@ def apply_credit_entry(session: Session, event: CreditLedgerEvent, delivery: Del
             overage_after=entry.overage_after,
             created_at=entry.created_at,
             webhook_id=delivery.webhook_id,
-            data=entry.model_dump(mode="json"),
+            data=entry.delivered,
         )
         .on_conflict_do_nothing(index_elements=["id"])
         .returning(CreditEntry.id)
