@@ -328,7 +328,8 @@ class Generator:
                 (
                     kind,
                     {
-                        "id": self.new_id("cle"),
+                        # Random, so the id order of a tie says nothing about its chain order.
+                        "id": "cle_" + self.webhook_id()[4:],
                         "customer_id": customer_id,
                         "credit_entitlement_id": entitlement,
                         "transaction_type": transaction_type,

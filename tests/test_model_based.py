@@ -94,7 +94,7 @@ class TestDirectHandlersAgainstReference:
         self, seed: int, client: FlaskClient, clean_db: Engine
     ) -> None:
         rng = random.Random(1000 + seed)
-        world = generate(seed, target=200, now=int(time.time()), families=("credits",))
+        world = generate(seed, target=200, now=int(time.time()))
         deliveries = with_duplicates(world.events, DUPLICATE_RATIO, rng)
         apply_directly(clean_db, deliveries)
 
@@ -122,7 +122,7 @@ class TestPipelineAgainstReference:
         """≥1,000 events, 20% re-sent, shuffled, sent concurrently; the API must agree."""
         seed = int(os.environ.get("MODEL_SEED", "20260301"))
         rng = random.Random(seed)
-        world = generate(seed, target=1000, now=int(time.time()), families=("credits",))
+        world = generate(seed, target=1000, now=int(time.time()))
         unique = len(world.events)
         deliveries = with_duplicates(world.events, DUPLICATE_RATIO, rng)
         local = threading.local()
