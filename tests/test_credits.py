@@ -23,6 +23,7 @@ from shared.schemas import EventValidationError, parse_event
 from shared.settings import Settings
 from tests.support import ADMIN_TOKEN
 from workers.handlers import ROUTES, Delivery
+from workers.handlers.credits import recompute_balance
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CUSTOMER = "cus_ledger1"
@@ -192,6 +193,21 @@ class TestApplyCreditEntry:
         assert held.balance == Decimal("30.00")  # the newest entry held, gap or not
         deliver(factory, CHAIN[2], webhook_id="msg_2")
         assert account(factory).chain_ok is True
+
+    def test_entries_appended_in_order_agree_with_a_full_recompute(
+        self, factory: sessionmaker[Session]
+    ) -> None:
+        """Newer entries take the short path; it must land where reading the ledger lands."""
+        for i in (0, 1, 3):
+            deliver(factory, CHAIN[i], webhook_id=f"msg_{i}")
+        appended = account(factory)
+        with transaction(factory) as session:
+            held = session.execute(select(CreditBalance)).scalar_one()
+            recompute_balance(session, held)
+        recomputed = account(factory)
+        fields = ("balance", "overage", "chain_ok", "last_entry_at", "last_entry_id", "entry_count")
+        assert [getattr(appended, f) for f in fields] == [getattr(recomputed, f) for f in fields]
+        assert appended.chain_ok is False
 
     def test_oldest_entry_held_need_not_start_at_zero(self, factory: sessionmaker[Session]) -> None:
         for i in (2, 3):

@@ -95,7 +95,20 @@ def apply_credit_entry(session: Session, event: CreditLedgerEvent, delivery: Del
     if inserted is None:
         # The same entry delivered under another delivery id: it already counts.
         return Outcome.SUPERSEDED
-    recompute_balance(session, balance)
+    if balance.last_entry_at is not None and entry.created_at > balance.last_entry_at:
+        # The usual case, an entry newer than all held: it extends the chain, so the
+        # balance follows without reading the whole ledger again.
+        links = (entry.balance_before, entry.overage_before) == (balance.balance, balance.overage)
+        balance.chain_ok = balance.chain_ok and links
+        balance.balance = entry.balance_after
+        balance.overage = entry.overage_after
+        balance.last_entry_at = entry.created_at
+        balance.last_entry_id = entry.id
+        balance.entry_count += 1
+        balance.updated_at = utcnow()
+    else:
+        # Older than the newest, tied with it, or the first: the order may change anywhere.
+        recompute_balance(session, balance)
     return Outcome.APPLIED
 
 
