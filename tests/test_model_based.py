@@ -140,8 +140,8 @@ class TestPipelineAgainstReference:
 
         with (
             gunicorn(env, tmp_path, workers=2) as url,
-            celery_worker(env, tmp_path, name="model1"),
-            celery_worker(env, tmp_path, name="model2"),
+            celery_worker(env, tmp_path, name="model1") as worker1,
+            celery_worker(env, tmp_path, name="model2") as worker2,
         ):
             started = time.monotonic()
             with ThreadPoolExecutor(max_workers=8) as pool:
@@ -169,6 +169,10 @@ class TestPipelineAgainstReference:
             expected = expected_state(world.events)
             problems = api_differences(get, expected)
             compared = time.monotonic()
+            logs = [worker1.output(), worker2.output()]
+
+        applied_by_worker = [log.count('"step": "processed"') for log in logs]
+        retries = sum(log.count('"step": "retry"') for log in logs)
 
         figures = {
             "unique_events": unique,
@@ -178,6 +182,8 @@ class TestPipelineAgainstReference:
             "missing_ledger_entries": world.missing_entries,
             "timestamp_ties": world.ties,
             "statuses": counts,
+            "processed_by_worker": applied_by_worker,
+            "retries": retries,
             "send_seconds": round(sent_at - started, 2),
             "drain_seconds": round(drained_at - started, 2),
             "compare_seconds": round(compared - drained_at, 2),
@@ -187,6 +193,7 @@ class TestPipelineAgainstReference:
         print("model-based figures:", json.dumps(figures))
         (tmp_path / "figures.json").write_text(json.dumps(figures))
         assert problems == [], "\n".join(problems[:30])
+        assert all(applied_by_worker), "both worker processes must have applied events"
 
 
 def dead_reasons(engine: Engine) -> str:
