@@ -115,6 +115,8 @@ class Generator:
             makers += [self.subscription] * 2
         if "credits" in self.families:
             makers += [self.credit_account]
+            # One busy account, so workers apply entries of the same account at the same time.
+            self.credit_account(length=max(20, target // 8))
         while len(self.world.events) < target:
             self.rng.choice(makers)()
         for _ in range(max(1, target // 200)):
@@ -303,7 +305,7 @@ class Generator:
 
     # credits
 
-    def credit_account(self) -> None:
+    def credit_account(self, length: int | None = None) -> None:
         customer_id = self.rng.choice(self.customers)
         entitlement = self.new_id("cde")
         at = self.start_time()
@@ -311,7 +313,7 @@ class Generator:
         balance = Decimal(0) if self.rng.random() < 0.6 else self.money(10_000)
         overage = Decimal(0)
         entries: list[tuple[str, dict[str, Any], bool]] = []  # (type, data, tied to previous)
-        for _ in range(self.rng.randint(6, 30)):
+        for _ in range(length or self.rng.randint(6, 30)):
             kind, amount, new_balance, new_overage = self.ledger_step(balance, overage)
             tied = (
                 bool(entries)

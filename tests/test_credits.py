@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +16,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import create_app
-from shared.db import make_sessionmaker, transaction
+from shared.db import make_engine, make_sessionmaker, transaction
 from shared.ledger import ChainLink, order_chain
-from shared.models import CreditBalance, CreditEntry, Outcome, Payment
+from shared.models import Base, CreditBalance, CreditEntry, Outcome, Payment
 from shared.samples import sample_event
 from shared.schemas import EventValidationError, parse_event
 from shared.settings import Settings
@@ -461,3 +462,24 @@ class TestCreditsApi:
 
     def test_requires_the_bearer_token(self, client: FlaskClient) -> None:
         assert client.get(f"/api/customers/{CUSTOMER}/credits").status_code == 401
+
+
+class TestOnSqlite:
+    def test_the_embedded_mode_keeps_the_same_ledger(self, tmp_path: Path) -> None:
+        """`dodo-webhooks dev` runs on SQLite: same dialect insert, exact decimals as text."""
+        engine = make_engine(f"sqlite:///{tmp_path / 'dev.db'}")
+        Base.metadata.create_all(engine)
+        factory = make_sessionmaker(engine)
+        try:
+            for i in (3, 1, 0, 2):
+                assert deliver(factory, CHAIN[i], webhook_id=f"msg_{i}") == Outcome.APPLIED
+            assert deliver(factory, CHAIN[1], webhook_id="msg_again") == Outcome.SUPERSEDED
+            held = account(factory)
+            assert (str(held.balance), str(held.overage), held.chain_ok, held.entry_count) == (
+                "30.00",
+                "12.25",
+                True,
+                4,
+            )
+        finally:
+            engine.dispose()
