@@ -296,3 +296,6 @@ def get_license_key(license_key_id: str) -> tuple[Response, int]:
             "expires_at": row.expires_at,
         }
         return jsonify(snapshot_view(row, columns)), 200
+
+
+from ingest import credits_api  # noqa: E402, F401  (adds the credit routes to `bp`)
