@@ -20,7 +20,7 @@ from shared.schemas import (
     PaymentEvent,
     parse_event,
 )
-from workers.handlers import ROUTES, credits
+from workers.handlers import ROUTES
 
 EXTRA_ROUTED = (
     "subscription.past_due",
@@ -29,18 +29,10 @@ EXTRA_ROUTED = (
     "subscription.update_payment_method",
     "credit.overage_reset",
 )
-# The credit handlers are built on their own branch; until it is merged their routes are
-# missing here. The mark switches itself off once `credits.ROUTES` is filled in.
-CREDITS_PENDING = pytest.mark.xfail(
-    not credits.ROUTES, reason="credit handlers not merged yet", strict=True
-)
 
 
-def routed_types() -> list[Any]:
-    return [
-        pytest.param(t, marks=CREDITS_PENDING) if t.startswith("credit.") else t
-        for t in (*HANDLED_TYPES, *EXTRA_ROUTED)
-    ]
+def routed_types() -> list[str]:
+    return [*HANDLED_TYPES, *EXTRA_ROUTED]
 
 
 def body_of(event: dict[str, Any]) -> bytes:
