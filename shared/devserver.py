@@ -183,8 +183,11 @@ def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
 
 def check_port_free(port: int, what: str, option: str) -> None:
     with socket.socket() as sock:
+        # As gunicorn binds: connections of a previous run left in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
+            sock.listen()
         except OSError:
             raise DevError(
                 f"port {port} on 127.0.0.1 is already in use ({what}): "
@@ -527,7 +530,9 @@ def run_dev(
                 child.start(env, data_dir, console.echo)
             ingest = procs[0]
             if not wait_for_http(
-                f"{settings.base_url}/healthz", 60, lambda: ingest.exit_code() is None
+                f"{settings.base_url}/healthz",
+                60,
+                lambda: ingest.exit_code() is None and not stop.is_set(),
             ):
                 if not stop.is_set():
                     raise DevError(
