@@ -217,7 +217,8 @@ class EmbeddedBroker:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()  # waits for serve_forever: only once it runs
         self._server.server_close()
 
 
@@ -233,7 +234,7 @@ class Child:
     ready: threading.Event = field(default_factory=threading.Event)
     ready_marker: str = ""
 
-    def start(self, env: dict[str, str], cwd: Path, echo: Callable[[str, str], None]) -> None:
+    def start(self, env: dict[str, str], cwd: Path) -> None:
         self.proc = subprocess.Popen(
             self.argv,
             env=env,
@@ -243,7 +244,11 @@ class Child:
             stdin=subprocess.DEVNULL,
             # Its own process group: Ctrl-C reaches only us, and we stop each child in order.
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
+
+    def show_output(self, echo: Callable[[str, str], None]) -> None:
+        assert self.proc is not None
         threading.Thread(
             target=self._pump, args=(self.proc.stdout, echo), name=f"log-{self.name}", daemon=True
         ).start()
@@ -279,6 +284,18 @@ class Child:
         # Whatever of the group outlived its leader (an orphaned pool child) goes too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when `dev` dies, even by SIGKILL (Linux only).
+
+    Children are started before any thread of ours exists, so running code between fork and
+    exec is safe here.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def children(settings: DevSettings, concurrency: int) -> list[Child]:
@@ -507,7 +524,11 @@ def run_dev(
     settings = dev_settings(data_dir, port, broker.port)
     env_file = settings.write()
     console.say(f"dev: migrating {settings.database_url}")
-    migrate(settings.database_url)
+    try:
+        migrate(settings.database_url)
+    except DevError:
+        broker.stop()
+        raise
 
     metrics_dir = data_dir / "prometheus"
     shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -524,10 +545,14 @@ def run_dev(
     procs = children(settings, concurrency)
     code = 0
     with stop_signals() as stop:
-        broker.start()
         try:
+            # The broker's socket is listening already; its thread and the log readers start
+            # once every child is forked (see _die_with_parent).
             for child in procs:
-                child.start(env, data_dir, console.echo)
+                child.start(env, data_dir)
+            for child in procs:
+                child.show_output(console.echo)
+            broker.start()
             ingest = procs[0]
             if not wait_for_http(
                 f"{settings.base_url}/healthz",

@@ -133,6 +133,43 @@ class TestDevCommand:
         finally:
             dev.stop(signal.SIGKILL)
 
+    def test_children_stop_even_when_dev_itself_is_killed(self, tmp_path: Path) -> None:
+        """SIGKILL gives `dev` no chance to clean up: the children must notice on their own."""
+        port = free_port()
+        children: set[int] = set()
+        dev = ManagedProcess(
+            "dev-killed",
+            [
+                str(VENV_BIN / "dodo-webhooks"),
+                "dev",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path),
+            ],
+            DEV_ENV,
+            tmp_path,
+        )
+        try:
+            wait_until(
+                lambda: "Ctrl-C stops everything" in dev.output(),
+                timeout=90,
+                what=f"the dev banner; output:\n{dev.output()}",
+            )
+            children = descendants(dev.pid)
+            assert children
+            os.kill(dev.pid, signal.SIGKILL)
+            wait_until(
+                lambda: not [pid for pid in children if alive(pid)],
+                timeout=30,
+                what="the orphaned children to stop",
+            )
+        finally:
+            dev.stop(signal.SIGKILL)
+            for pid in children:  # so a failure here leaves nothing running either
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
     def test_port_in_use_is_one_line_and_exit_status_1(self, tmp_path: Path) -> None:
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
