@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -513,6 +514,9 @@ def run_dev(
     out: TextIO = sys.stdout,
 ) -> int:
     data_dir = data_dir.expanduser().resolve()
+    if sqlite3.sqlite_version_info < (3, 35):
+        # The worker claims an event with UPDATE … RETURNING.
+        raise DevError(f"dev needs SQLite 3.35 or newer; this Python has {sqlite3.sqlite_version}")
     check_port_free(port, "the ingest", "--port")
     try:
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
