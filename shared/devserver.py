@@ -457,13 +457,14 @@ def wait_for_http(url: str, timeout: float, alive: Callable[[], bool]) -> bool:
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set the event instead of raising, so shutdown runs in one place."""
+    """SIGINT, SIGTERM and SIGHUP set the event instead of raising: shutdown runs in one place."""
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
         stop.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield stop
     finally:
@@ -545,6 +546,9 @@ def run_dev(
         ),
         "PYTHONUNBUFFERED": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        # The broker forgets its queues when dev stops; events a previous run left pending are
+        # re-driven from the database by beat, sooner than production's default.
+        "REDRIVE_AFTER_SECONDS": os.environ.get("REDRIVE_AFTER_SECONDS", "10"),
     }
     procs = children(settings, concurrency)
     code = 0

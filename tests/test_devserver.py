@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from shared.devserver import DEV_ENV_FILE, dev_settings, read_env_file, readable
+from shared.devserver import DEV_ENV_FILE, DevError, dev_settings, read_env_file, readable
 from tests.support import VENV_BIN, ManagedProcess, free_port, wait_until
 
 DEV_ENV = {
@@ -212,6 +212,13 @@ class TestDevSettings:
         settings.write()
         assert settings.child_env()["DODO_PAYMENTS_WEBHOOK_KEY"] == own
         assert "DODO_PAYMENTS_WEBHOOK_KEY" not in read_env_file(tmp_path / DEV_ENV_FILE)
+
+    def test_malformed_secret_in_the_environment_is_one_line_naming_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("DODO_PAYMENTS_WEBHOOK_KEY", "not-a-secret")
+        with pytest.raises(DevError, match=r"^DODO_PAYMENTS_WEBHOOK_KEY: secret #1 is not"):
+            dev_settings(tmp_path, 8000, 6400)
 
     def test_children_get_sqlite_in_the_data_dir_and_the_embedded_broker(
         self, tmp_path: Path
