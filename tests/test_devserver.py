@@ -216,7 +216,7 @@ class TestDevSettings:
     def test_malformed_secret_in_the_environment_is_one_line_naming_it(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setenv("DODO_PAYMENTS_WEBHOOK_KEY", "not-a-secret")
+        monkeypatch.setenv("DODO_PAYMENTS_WEBHOOK_KEY", "whsec_!!!")
         with pytest.raises(DevError, match=r"^DODO_PAYMENTS_WEBHOOK_KEY: secret #1 is not"):
             dev_settings(tmp_path, 8000, 6400)
 
