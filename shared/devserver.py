@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -232,8 +232,6 @@ class Child:
     argv: list[str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
-    ready_marker: str = ""
 
     def start(self, env: dict[str, str], cwd: Path) -> None:
         self.proc = subprocess.Popen(
@@ -260,22 +258,19 @@ class Child:
             for raw in iter(stream.readline, b""):
                 log.write(raw)
                 log.flush()
-                line = raw.decode(errors="replace").rstrip()
-                if self.ready_marker and self.ready_marker in line:
-                    self.ready.set()
-                echo(self.name, line)
+                echo(self.name, raw.decode(errors="replace").rstrip())
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, timeout: float) -> None:
-        """SIGTERM to its process group (gunicorn's workers, celery's pool too), then SIGKILL."""
+        """SIGTERM to the leader, which stops its own workers or pool; then SIGKILL the group."""
         if self.proc is None:
             return
         pgid = self.proc.pid
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -324,7 +319,6 @@ def children(settings: DevSettings, concurrency: int) -> list[Child]:
                 "ingest:create_app()",
             ],
             logs / "ingest.log",
-            ready_marker="Booting worker",
         ),
         Child(
             "worker",
@@ -347,7 +341,6 @@ def children(settings: DevSettings, concurrency: int) -> list[Child]:
                 "--without-mingle",
             ],
             logs / "worker.log",
-            ready_marker="ready.",
         ),
         Child(
             "beat",
