@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,9 +12,10 @@ from pathlib import Path
 import requests
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, text, update
 
 from ingest import create_app
+from ingest.metrics import DB_QUERY_TIMEOUT_MS
 from ingest.recording import record_delivery
 from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
@@ -172,6 +174,18 @@ class TestDatabaseSeries:
         assert value(samples, "dodo_webhooks_metrics_db_up") == 0
         assert ("dodo_webhooks_received_total", ()) in samples
         assert not total(samples, "dodo_webhooks_events")
+
+    def test_a_locked_table_gives_db_up_0_within_the_timeout_not_a_hung_scrape(
+        self, settings: Settings, clean_db: Engine
+    ) -> None:
+        with clean_db.connect() as locker, locker.begin():
+            locker.execute(text("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE"))
+            with ingest_client(settings) as client:
+                started = time.monotonic()
+                samples = scrape(client)
+                took = time.monotonic() - started
+        assert value(samples, "dodo_webhooks_metrics_db_up") == 0
+        assert DB_QUERY_TIMEOUT_MS / 1000 <= took < DB_QUERY_TIMEOUT_MS / 1000 + 3
 
 
 class TestMetricsUnderGunicorn:
