@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from ingest.app import state
+from ingest.metrics import render_metrics
 
 bp = Blueprint("health", __name__)
 
@@ -35,4 +36,4 @@ def readyz() -> tuple[Response, int]:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+    return Response(render_metrics(state().engine), mimetype=CONTENT_TYPE_LATEST)

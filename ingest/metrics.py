@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, case, func, select, text
+
+from shared.db import utcnow
+from shared.models import FINAL_STATUSES, EventStatus, WebhookEvent
+
+# A scrape must not hang on a slow database: PostgreSQL cancels the queries after this.
+DB_QUERY_TIMEOUT_MS = 2000
+NOT_FINAL = tuple(s for s in EventStatus if s not in FINAL_STATUSES)
 
 
 @dataclass(frozen=True)
@@ -35,3 +50,117 @@ def ingest_metrics() -> IngestMetrics:
             "dodo_webhooks_record_failures", "Deliveries answered 503: could not be recorded"
         ),
     )
+
+
+class EventStoreCollector(Collector):
+    """Series read from `webhook_events` at scrape time: cluster-wide, and they survive restarts.
+
+    One GROUP BY over the table and one indexed MIN; on any database error the scrape still
+    answers, with `dodo_webhooks_metrics_db_up 0` and none of these series.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily(
+            "dodo_webhooks_metrics_db_up", "1 when the database answered this scrape's queries"
+        )
+        started = time.monotonic()
+        try:
+            groups, oldest = self._query()
+        except Exception:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily(
+            "dodo_webhooks_metrics_db_query_seconds",
+            "Time the database queries of this scrape took",
+            value=time.monotonic() - started,
+        )
+
+        by_status = {str(s): 0 for s in EventStatus}
+        processed = CounterMetricFamily(
+            "dodo_webhooks_processed",
+            "Events processed by the workers, by type and outcome (applied, superseded, ignored)",
+            labels=["type", "outcome"],
+        )
+        retries = CounterMetricFamily(
+            "dodo_webhooks_retries",
+            "Processing attempts beyond each event's first, by type",
+            labels=["type"],
+        )
+        dead = GaugeMetricFamily(
+            "dodo_webhooks_dead", "Events dead now (the dead letters), by type", labels=["type"]
+        )
+        retry_sums: dict[str, int] = {}
+        for status, event_type, outcome, count, extra_attempts in groups:
+            label = event_type or "none"
+            by_status[status] = by_status.get(status, 0) + count
+            retry_sums[label] = retry_sums.get(label, 0) + int(extra_attempts or 0)
+            if status == EventStatus.PROCESSED:
+                processed.add_metric([label, outcome or "applied"], count)
+            elif status == EventStatus.IGNORED:
+                processed.add_metric([label, "ignored"], count)
+            elif status == EventStatus.DEAD:
+                dead.add_metric([label], count)
+        for label, total in sorted(retry_sums.items()):
+            retries.add_metric([label], total)
+
+        events = GaugeMetricFamily(
+            "dodo_webhooks_events", "Recorded events by current status", labels=["status"]
+        )
+        for status, count in by_status.items():
+            events.add_metric([status], count)
+        yield events
+        yield processed
+        yield retries
+        yield dead
+        yield GaugeMetricFamily(
+            "dodo_webhooks_pending",
+            "Events not yet final (pending, processing or retrying)",
+            value=sum(by_status[s] for s in NOT_FINAL),
+        )
+        age = max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0
+        yield GaugeMetricFamily(
+            "dodo_webhooks_oldest_pending_age_seconds",
+            "Age of the oldest event not yet final; 0 when none",
+            value=age,
+        )
+
+    def _query(
+        self,
+    ) -> tuple[list[tuple[str, str | None, str | None, int, int]], datetime | None]:
+        ev = WebhookEvent
+        grouped = select(
+            ev.status,
+            ev.type,
+            ev.outcome,
+            func.count(),
+            func.sum(case((ev.attempts > 1, ev.attempts - 1), else_=0)),
+        ).group_by(ev.status, ev.type, ev.outcome)
+        oldest = select(func.min(ev.received_at)).where(ev.status.in_([str(s) for s in NOT_FINAL]))
+        with self._engine.connect() as conn, conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(text(f"SET LOCAL statement_timeout = {DB_QUERY_TIMEOUT_MS}"))
+            rows = [tuple(row) for row in conn.execute(grouped)]
+            first = conn.execute(oldest).scalar()
+        return rows, first
+
+
+def process_registry() -> CollectorRegistry:
+    """This process's counters, or every gunicorn worker's under PROMETHEUS_MULTIPROC_DIR."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+    return REGISTRY
+
+
+def render_metrics(engine: Engine) -> bytes:
+    """The exposition text: the ingest's counters, then the database's series."""
+    store = CollectorRegistry(auto_describe=False)
+    store.register(EventStoreCollector(engine))
+    return generate_latest(process_registry()) + generate_latest(store)

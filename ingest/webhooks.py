@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ingest.app import state
 from ingest.recording import record_delivery
@@ -23,7 +24,11 @@ def receive() -> tuple[Response, int]:
     ingest = state()
     metrics = ingest.metrics
     metrics.received.inc()
-    body = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH, before reading it all
+    try:
+        body = request.get_data(cache=False)  # 413 past MAX_CONTENT_LENGTH, before reading it all
+    except RequestEntityTooLarge:
+        metrics.rejected.labels(reason="413").inc()
+        raise
     try:
         delivery = ingest.verifier.verify(body, dict(request.headers.items(lower=True)))
     except Rejection as rejection:

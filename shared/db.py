@@ -41,6 +41,9 @@ def utcnow() -> datetime:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with liveness checks; SQLite gets WAL and a busy timeout for the dev mode."""
+    # A failed statement's parameters (a raw body, a customer's email) must not reach a log
+    # line or a stored error through the exception's text.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 

@@ -1,0 +1,260 @@
+"""`dodo-webhooks dev`: the whole pipeline from one command, stopped cleanly by Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.devserver import DEV_ENV_FILE, DevError, dev_settings, read_env_file, readable
+from tests.support import VENV_BIN, ManagedProcess, free_port, wait_until
+
+DEV_ENV = {
+    # The user's own settings must not leak into the dev server under test.
+    "DODO_PAYMENTS_WEBHOOK_KEY": "",
+    "ADMIN_TOKEN": "",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root`, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def banner_value(output: str, label: str) -> str:
+    for line in output.splitlines():
+        if line.strip().startswith(label):
+            return line.strip().removeprefix(label).split()[0]
+    raise AssertionError(f"{label!r} not in the dev server's output:\n{output}")
+
+
+class TestDevCommand:
+    def test_sent_event_is_processed_and_ctrl_c_stops_every_child(self, tmp_path: Path) -> None:
+        """The README's path: dev, send-test, look at the event, Ctrl-C; nothing left behind."""
+        data_dir = tmp_path / "data"
+        port = free_port()
+        dev = ManagedProcess(
+            "dev",
+            [
+                str(VENV_BIN / "dodo-webhooks"),
+                "dev",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+            ],
+            DEV_ENV,
+            tmp_path,
+        )
+        try:
+            wait_until(
+                lambda: "Ctrl-C stops everything" in dev.output(),
+                timeout=90,
+                what=f"the dev banner; output:\n{dev.output()}",
+            )
+            output = dev.output()
+            assert banner_value(output, "webhook URL") == f"http://127.0.0.1:{port}/webhooks/dodo"
+            token = banner_value(output, "admin token")
+            assert banner_value(output, "secret").startswith("whsec_")
+
+            sent = subprocess.run(
+                [
+                    str(VENV_BIN / "dodo-webhooks"),
+                    "send-test",
+                    "payment.succeeded",
+                    "--data-dir",
+                    str(data_dir),
+                    "--json",
+                ],
+                env={**os.environ, **DEV_ENV},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
+            assert sent.returncode == 0, sent.stderr
+            answer = json.loads(sent.stdout)
+            assert answer["http_status"] == 202
+            webhook_id = answer["webhook_id"]
+
+            def final_status() -> str | None:
+                event = requests.get(
+                    f"http://127.0.0.1:{port}/api/events/{webhook_id}",
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=5,
+                ).json()
+                return event["status"] if event["status"] in ("processed", "ignored") else None
+
+            wait_until(final_status, timeout=60, what=f"event processed; output:\n{dev.output()}")
+            wait_until(lambda: "dev@" in dev.output(), timeout=30, what="worker ready line")
+
+            children = descendants(dev.pid)
+            assert len(children) >= 5, children  # gunicorn + 2 workers, celery + pool, beat
+            os.killpg(dev.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+            assert dev.proc.wait(timeout=45) == 0, dev.output()
+            wait_until(
+                lambda: not [pid for pid in children if alive(pid)],
+                timeout=15,
+                what="every child of the dev server to be gone",
+            )
+            assert "dev: stopped" in dev.output()
+            assert not (tmp_path / "celerybeat-schedule").exists()
+        finally:
+            dev.stop(signal.SIGKILL)
+
+    def test_children_stop_even_when_dev_itself_is_killed(self, tmp_path: Path) -> None:
+        """SIGKILL gives `dev` no chance to clean up: the children must notice on their own."""
+        port = free_port()
+        children: set[int] = set()
+        dev = ManagedProcess(
+            "dev-killed",
+            [
+                str(VENV_BIN / "dodo-webhooks"),
+                "dev",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path),
+            ],
+            DEV_ENV,
+            tmp_path,
+        )
+        try:
+            wait_until(
+                lambda: "Ctrl-C stops everything" in dev.output(),
+                timeout=90,
+                what=f"the dev banner; output:\n{dev.output()}",
+            )
+            children = descendants(dev.pid)
+            assert children
+            os.kill(dev.pid, signal.SIGKILL)
+            wait_until(
+                lambda: not [pid for pid in children if alive(pid)],
+                timeout=30,
+                what="the orphaned children to stop",
+            )
+        finally:
+            dev.stop(signal.SIGKILL)
+            for pid in children:  # so a failure here leaves nothing running either
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+    def test_port_in_use_is_one_line_and_exit_status_1(self, tmp_path: Path) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = subprocess.run(
+                [str(VENV_BIN / "dodo-webhooks"), "dev", "--port", str(port)],
+                env={**os.environ, **DEV_ENV},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
+        assert result.returncode == 1
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert f"port {port}" in result.stderr and "already in use" in result.stderr
+        assert "--port" in result.stderr
+        assert not (tmp_path / "dev-data").exists()
+
+
+class TestDevSettings:
+    def test_generated_secret_and_token_are_kept_across_runs(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("DODO_PAYMENTS_WEBHOOK_KEY", raising=False)
+        monkeypatch.delenv("ADMIN_TOKEN", raising=False)
+        first = dev_settings(tmp_path, 8000, 6400)
+        first.write()
+        second = dev_settings(tmp_path, 8001, 6401)
+        assert second.webhook_key == first.webhook_key
+        assert second.admin_token == first.admin_token
+        assert first.webhook_key.startswith("whsec_")
+
+    def test_secret_from_the_environment_wins_and_is_not_written(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        own = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        monkeypatch.setenv("DODO_PAYMENTS_WEBHOOK_KEY", own)
+        settings = dev_settings(tmp_path, 8000, 6400)
+        settings.write()
+        assert settings.child_env()["DODO_PAYMENTS_WEBHOOK_KEY"] == own
+        assert "DODO_PAYMENTS_WEBHOOK_KEY" not in read_env_file(tmp_path / DEV_ENV_FILE)
+
+    def test_malformed_secret_in_the_environment_is_one_line_naming_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("DODO_PAYMENTS_WEBHOOK_KEY", "whsec_!!!")
+        with pytest.raises(DevError, match=r"^DODO_PAYMENTS_WEBHOOK_KEY: secret #1 is not"):
+            dev_settings(tmp_path, 8000, 6400)
+
+    def test_children_get_sqlite_in_the_data_dir_and_the_embedded_broker(
+        self, tmp_path: Path
+    ) -> None:
+        env = dev_settings(tmp_path, 8000, 6400).child_env()
+        assert env["DATABASE_URL"] == f"sqlite:///{tmp_path}/dodo-webhooks.db"
+        assert env["REDIS_URL"] == "redis://127.0.0.1:6400/0"
+
+
+class TestReadableLines:
+    def test_a_json_step_line_becomes_one_short_line(self) -> None:
+        line = json.dumps(
+            {
+                "ts": "2026-01-01T00:00:00.000Z",
+                "level": "info",
+                "logger": "dodo_webhooks.worker",
+                "msg": "processed",
+                "step": "processed",
+                "webhook_id": "msg_1",
+                "type": "payment.succeeded",
+                "attempt": 1,
+                "outcome": "applied",
+            }
+        )
+        shown = readable(line)
+        assert shown.split() == [
+            "processed",
+            "payment.succeeded",
+            "webhook_id=msg_1",
+            "attempt=1",
+            "outcome=applied",
+        ]
+
+    def test_celery_per_task_noise_is_left_to_the_log_file(self) -> None:
+        line = "[2026-01-01 00:00:00,000: INFO/MainProcess] Task workers.process_event[x] received"
+        assert readable(line) == ""
+
+    def test_errors_are_always_shown(self) -> None:
+        assert "ERROR" in readable("[2026-01-01 00:00:00,000: ERROR/MainProcess] boom")
