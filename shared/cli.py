@@ -44,25 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--database-url", help="instead of DATABASE_URL")
     up.set_defaults(run=cmd_db_upgrade)
 
-    for register in _extensions():
-        register(commands)
+    # Imported here: each of them imports CommandError from this module.
+    from shared import devserver, dlq_cli, sendtest
+
+    for module in (devserver, sendtest, dlq_cli):
+        module.register(commands)
     return parser
-
-
-def _extensions() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
-    """Subcommands living in their own modules, each with a `register(commands)`."""
-    import importlib
-
-    found = []
-    for name in ("shared.devserver", "shared.sendtest", "shared.dlq_cli"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        found.append(module.register)
-    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
