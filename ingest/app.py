@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 from werkzeug.exceptions import HTTPException
 
 from ingest.metrics import IngestMetrics, ingest_metrics
+from ingest.signal import QueueSignal
 from ingest.verify import Verifier
 from shared.db import make_engine
 from shared.logs import configure_logging, get_logger
@@ -28,6 +29,7 @@ class IngestState:
     settings: Settings
     engine: Engine
     celery: Celery
+    signal: QueueSignal
     verifier: Verifier
     metrics: IngestMetrics
     redis: redis.Redis
@@ -59,13 +61,15 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
         raise SystemExit(APP_LOAD_ERROR) from None
     configure_logging(settings.log_level)
 
+    celery = make_celery(settings)
     app = Flask("ingest")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["dodo"] = IngestState(
         settings=settings,
         engine=engine,
-        celery=make_celery(settings),
+        celery=celery,
+        signal=QueueSignal(celery),
         verifier=Verifier(secrets),
         metrics=ingest_metrics(),
         redis=redis_client,

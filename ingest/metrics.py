@@ -29,6 +29,7 @@ class IngestMetrics:
     rejected: Counter
     duplicates: Counter
     queued: Counter
+    deferred: Counter
     dead_on_arrival: Counter
     record_failures: Counter
 
@@ -43,6 +44,10 @@ def ingest_metrics() -> IngestMetrics:
         ),
         duplicates=Counter("dodo_webhooks_duplicates", "Deliveries of an already recorded id"),
         queued=Counter("dodo_webhooks_queued", "Recorded deliveries sent to the queue"),
+        deferred=Counter(
+            "dodo_webhooks_queue_deferred",
+            "Recorded deliveries not sent to the queue (Redis unreachable): beat re-drives them",
+        ),
         dead_on_arrival=Counter(
             "dodo_webhooks_dead_on_arrival", "Verified bodies that are not a valid event"
         ),

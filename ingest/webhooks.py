@@ -13,7 +13,6 @@ from ingest.recording import record_delivery
 from ingest.verify import Rejection
 from shared.envelope import EnvelopeError, read_envelope_head
 from shared.logs import get_logger, log_step
-from shared.queue import enqueue
 
 bp = Blueprint("webhooks", __name__)
 log = get_logger("ingest")
@@ -82,15 +81,18 @@ def receive() -> tuple[Response, int]:
 
     log_step(log, "received", **fields)
     try:
-        enqueue(ingest.celery, delivery.webhook_id, event_type)
+        sent = ingest.signal.send(delivery.webhook_id, event_type)
     except Exception:
-        # Recorded durably already: beat's re-drive queues it once Redis is back.
+        sent = False
         log.warning(
-            "could not queue; re-drive will",
+            "could not queue; beat's re-drive will",
             exc_info=True,
             extra={"step": "queue_failed", **fields},
         )
-    else:
+    if sent:
         metrics.queued.inc()
         log_step(log, "queued", **fields)
+    else:
+        # Recorded durably already: beat's re-drive queues it once Redis answers.
+        metrics.deferred.inc()
     return jsonify(status="queued", webhook_id=delivery.webhook_id), 202

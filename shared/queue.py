@@ -48,6 +48,6 @@ def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
     return app
 
 
-def enqueue(app: Celery, webhook_id: str, event_type: str | None) -> None:
+def enqueue(app: Celery, webhook_id: str, event_type: str | None, *, retry: bool = True) -> None:
     """Send the work signal; the event itself is already durable in the database."""
-    app.send_task(PROCESS_EVENT, args=[webhook_id], queue=queue_for(event_type))
+    app.send_task(PROCESS_EVENT, args=[webhook_id], queue=queue_for(event_type), retry=retry)

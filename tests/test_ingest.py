@@ -121,6 +121,31 @@ class TestAcceptedDeliveries:
         assert answer.status_code == 202
         assert event_row(clean_db, "msg_noq").status == EventStatus.PENDING
 
+    def test_with_redis_unreachable_only_the_first_delivery_tries_to_publish(
+        self, settings: Settings, clean_db: Engine, make_app: Callable[[Settings], Flask]
+    ) -> None:
+        """Publishing to a dead Redis costs seconds; paid once, not on every delivery."""
+        app = make_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+        metrics = app.extensions["dodo"].metrics
+        deferred, queued = metrics.deferred._value.get(), metrics.queued._value.get()
+        client = app.test_client()
+        attempts = []
+        original = app.extensions["dodo"].celery.send_task
+
+        def counting_send_task(*args: object, **kwargs: object) -> object:
+            attempts.append(args)
+            return original(*args, **kwargs)
+
+        app.extensions["dodo"].celery.send_task = counting_send_task
+        for n in range(10):
+            body = BODY.replace("pay_1", f"pay_{n}")
+            answer = client.post(URL, data=body, headers=signed_headers(body, webhook_id=f"m{n}"))
+            assert answer.status_code == 202
+        assert len(attempts) == 1
+        assert metrics.deferred._value.get() - deferred == 10
+        assert metrics.queued._value.get() == queued
+        assert recorded(clean_db) == 10
+
     def test_database_down_answers_503_and_records_nothing(
         self, settings: Settings, make_app: Callable[[Settings], Flask]
     ) -> None:
