@@ -1,0 +1,315 @@
+"""One fault scenario: load, a fault mid-load, healing, draining, then every guarantee checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import inspect, text
+
+from tests.faults.harness import MAX_ATTEMPTS, Stack
+from tests.faults.sender import Delivery, Sender, make_events, with_duplicates
+
+FAULT_EVENTS = int(os.environ.get("FAULT_EVENTS", "200"))
+FAULT_RATE = float(os.environ.get("FAULT_RATE", "15"))
+RESULTS = Path(__file__).parent / "results"
+FINAL = ("processed", "ignored", "dead")
+
+# family -> (read-model table, its id column, the id field in `data`)
+SNAPSHOTS = {
+    "payment": ("payments", "payment_id", "payment_id"),
+    "refund": ("refunds", "refund_id", "refund_id"),
+    "dispute": ("disputes", "dispute_id", "dispute_id"),
+    "subscription": ("subscriptions", "subscription_id", "subscription_id"),
+    "license_key": ("license_keys", "id", "id"),
+}
+CREDIT_TYPES = (
+    "credit.added",
+    "credit.deducted",
+    "credit.expired",
+    "credit.rolled_over",
+    "credit.rollover_forfeited",
+    "credit.overage_charged",
+    "credit.manual_adjustment",
+)
+
+
+@dataclass
+class Figures:
+    scenario: str
+    events: int = 0  # distinct delivery ids
+    deliveries: int = 0  # with the re-sent duplicates
+    posts: int = 0  # HTTP attempts, with the sender's retries
+    acked: int = 0
+    lost: int = 0
+    doubled: int = 0
+    poison_dead: int = 0
+    not_final: int = 0
+    fault_seconds: float = 0.0
+    drain_seconds: float = 0.0  # from healed and all sent, to nothing pending
+    rate_before: float = 0.0  # events finished per second before the fault
+    rate_after: float = 0.0  # ... and from healing to drained
+    answers: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+
+def routes() -> set[str]:
+    from workers.handlers import ROUTES
+
+    return set(ROUTES)
+
+
+Fault = Callable[[Stack, Sender, Figures], None]
+
+
+def run_scenario(
+    stack: Stack,
+    name: str,
+    fault: Fault,
+    *,
+    seed: int,
+    events: int = FAULT_EVENTS,
+    rate: float = FAULT_RATE,
+    after_share: float = 0.25,
+    held_share: float = 0.3,
+) -> Figures:
+    """Send `events` (plus duplicates) at `rate`/s; inject `fault` once `after_share` is sent.
+
+    The last `held_share` of the deliveries is sent only once the fault is healed, so the
+    throughput after it is measured under load too.
+    """
+    stack.reset()
+    figures = Figures(name)
+    unique = make_events(events, seed=seed)
+    deliveries = with_duplicates(unique, seed=seed)
+    figures.events, figures.deliveries = len(unique), len(deliveries)
+    sender = Sender(stack.url)
+    t_start = time.time()
+    healed = threading.Event()
+    sender.start(deliveries, rate, gate_at=int(len(deliveries) * (1 - held_share)), gate=healed)
+    sender.wait_sent(int(len(deliveries) * after_share))
+    t_fault = time.time()
+    try:
+        fault(stack, sender, figures)
+    finally:
+        t_healed = time.time()
+        healed.set()
+    figures.fault_seconds = round(t_healed - t_fault, 1)
+    sender.join(timeout=sender.deadline + 30)
+    t_sent = time.time()
+    drained_at = wait_drained(stack, sender.acked, timeout=240)
+    figures.drain_seconds = round(drained_at - max(t_healed, t_sent), 1)
+    figures.posts = sum(sender.answers.values())
+    figures.answers = dict(sender.answers)
+    figures.acked = len(sender.acked)
+    figures.rate_before = finished_rate(stack, t_start, t_fault)
+    figures.rate_after = finished_rate(stack, t_healed, drained_at)
+    check(stack, unique, sender, figures)
+    save(figures)
+    return figures
+
+
+def wait_drained(stack: Stack, acked: set[str], timeout: float) -> float:
+    """Until every acknowledged id is recorded and nothing is pending, processing or retrying."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            with stack.engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT status, count(*) FROM webhook_events GROUP BY status")
+                ).all()
+                counts = {str(r[0]): int(r[1]) for r in rows}
+                recorded = sum(counts.values())
+            last = counts
+            if recorded >= len(acked) and all(s in FINAL for s in counts):
+                return time.time()
+        except Exception as exc:  # the database may be coming back
+            last = exc
+        time.sleep(0.25)
+    raise AssertionError(f"not drained after {timeout}s: {last}")
+
+
+def finished_rate(stack: Stack, since: float, until: float) -> float:
+    if until <= since:
+        return 0.0
+    with stack.engine.connect() as conn:
+        n = conn.execute(
+            text(
+                "SELECT count(*) FROM webhook_events WHERE processed_at >= :a AND processed_at < :b"
+            ),
+            {
+                "a": datetime.fromtimestamp(since).astimezone(),
+                "b": datetime.fromtimestamp(until).astimezone(),
+            },
+        ).scalar_one()
+    return round(int(n) / (until - since), 1)
+
+
+def check(stack: Stack, unique: list[Delivery], sender: Sender, figures: Figures) -> None:
+    """Every guarantee of DESIGN.md, as violations written into the figures."""
+    bad = figures.violations
+    routed = routes()
+    with stack.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT webhook_id, type, status, attempts, last_error, webhook_ts "
+                "FROM webhook_events"
+            )
+        ).all()
+    events = {r.webhook_id: r for r in rows}
+    # Evidence the fault bit: events that needed more than one attempt.
+    figures.notes["attempts"] = dict(sorted(Counter(r.attempts for r in rows).items()))
+    by_id = {d.webhook_id: d for d in unique}
+
+    # 1. Nothing acknowledged is lost.
+    lost = sorted(sender.acked - set(events))
+    figures.lost = len(lost)
+    if lost:
+        bad.append(f"{len(lost)} acknowledged deliveries not in the database: {lost[:5]}")
+    strangers = sorted(set(events) - set(by_id))
+    if strangers:
+        bad.append(f"recorded ids nobody sent: {strangers[:5]}")
+    # Dodo gives up only after ~27h; here every delivery must have been acknowledged.
+    if sender.gave_up:
+        bad.append(f"{len(sender.gave_up)} deliveries never acknowledged: {sender.gave_up[:5]}")
+
+    # 3. Every stored event is final; only poison is dead, after exactly MAX_ATTEMPTS.
+    not_final = [w for w, r in events.items() if r.status not in FINAL]
+    figures.not_final = len(not_final)
+    if not_final:
+        bad.append(f"{len(not_final)} events not final: {not_final[:5]}")
+    for webhook_id, row in events.items():
+        delivery = by_id.get(webhook_id)
+        if delivery is None:
+            continue
+        if delivery.poison and delivery.type in routed:
+            if row.status != "dead" or row.attempts != MAX_ATTEMPTS:
+                bad.append(
+                    f"poison {webhook_id}: {row.status} after {row.attempts} attempts "
+                    f"(want dead after {MAX_ATTEMPTS}): {row.last_error}"
+                )
+            else:
+                figures.poison_dead += 1
+        elif row.status == "dead":
+            bad.append(f"{webhook_id} ({row.type}) dead after {row.attempts}: {row.last_error}")
+        elif row.status in ("processed", "ignored") and not 1 <= row.attempts <= MAX_ATTEMPTS:
+            bad.append(f"{webhook_id} {row.status} after {row.attempts} attempts")
+
+    # 2. Effects exactly once, and the final state is the one of the newest unique event.
+    applied = [by_id[w] for w, r in events.items() if w in by_id and r.status == "processed"]
+    figures.doubled = check_effects(stack, applied, routed, bad)
+    check_final_state(stack, [by_id[w] for w in events if w in by_id], events, routed, bad)
+
+
+def _columns(stack: Stack, table: str) -> set[str]:
+    insp = inspect(stack.engine)
+    if not insp.has_table(table):
+        return set()
+    return {c["name"] for c in insp.get_columns(table)}
+
+
+def check_effects(stack: Stack, applied: list[Delivery], routed: set[str], bad: list[str]) -> int:
+    """Rows kept per event (dispute history, ledger entries) exist once per unique event."""
+    doubled = 0
+    per_event = {
+        "dispute_history": [d for d in applied if d.type.startswith("dispute.")],
+        "subscription_history": [d for d in applied if d.type.startswith("subscription.")],
+    }
+    with stack.engine.connect() as conn:
+        for table, expected in per_event.items():
+            if not expected or "webhook_id" not in _columns(stack, table):
+                continue
+            got = conn.execute(text(f"SELECT webhook_id FROM {table}")).scalars().all()
+            extra = len(got) - len(set(got))
+            doubled += extra
+            if extra or set(got) != {d.webhook_id for d in expected}:
+                bad.append(
+                    f"{table}: {len(got)} rows ({len(set(got))} distinct) for "
+                    f"{len(expected)} applied events"
+                )
+        ledger = [d for d in applied if d.type in CREDIT_TYPES]
+        if ledger and "id" in _columns(stack, "credit_entries"):
+            got = conn.execute(text("SELECT id FROM credit_entries")).scalars().all()
+            want = {d.event["data"]["id"] for d in ledger}
+            doubled += len(got) - len(set(got))
+            if sorted(got) != sorted(want):
+                bad.append(f"credit_entries: {len(got)} rows for {len(want)} distinct entries")
+    return doubled
+
+
+def check_final_state(
+    stack: Stack,
+    received: list[Delivery],
+    events: dict[str, Any],
+    routed: set[str],
+    bad: list[str],
+) -> None:
+    """Each record holds the newest unique event for it; each balance the newest entry's."""
+    winners: dict[str, dict[str, tuple[Any, ...]]] = defaultdict(dict)
+    balances: dict[tuple[str, str], tuple[str, str]] = {}
+    for d in received:
+        if d.poison or d.type not in routed:
+            continue
+        family = d.type.split(".")[0]
+        event = d.event
+        data = event["data"]
+        key = (
+            datetime.fromisoformat(event["timestamp"]),
+            int(events[d.webhook_id].webhook_ts),
+            d.webhook_id,
+        )
+        if family in SNAPSHOTS:
+            entity = data[SNAPSHOTS[family][2]]
+            if entity not in winners[family] or key > winners[family][entity]:
+                winners[family][entity] = key
+        if d.type in CREDIT_TYPES:
+            account = (data["customer_id"], data["credit_entitlement_id"])
+            created = data["created_at"]
+            if account not in balances or created > balances[account][0]:
+                balances[account] = (created, data["balance_after"])
+    with stack.engine.connect() as conn:
+        for family, entities in winners.items():
+            table, id_col, _ = SNAPSHOTS[family]
+            if "last_webhook_id" not in _columns(stack, table):
+                bad.append(f"{table} has no last_webhook_id column to check")
+                continue
+            got = dict(
+                conn.execute(text(f"SELECT {id_col}, last_webhook_id FROM {table}")).tuples().all()
+            )
+            want = {e: k[2] for e, k in entities.items()}
+            wrong = [e for e in want if got.get(e) != want[e]]
+            if wrong or set(got) - set(want):
+                bad.append(
+                    f"{table}: {len(wrong)} of {len(want)} records hold the wrong event "
+                    f"(e.g. {wrong[:3]}), {len(set(got) - set(want))} unexpected"
+                )
+        if balances and "balance" in _columns(stack, "credit_balances"):
+            got_b = {
+                (r[0], r[1]): r[2]
+                for r in conn.execute(
+                    text("SELECT customer_id, credit_entitlement_id, balance FROM credit_balances")
+                )
+            }
+            from decimal import Decimal
+
+            wrong_b = [a for a, (_, b) in balances.items() if got_b.get(a) != Decimal(b)]
+            if wrong_b:
+                bad.append(f"credit_balances: {len(wrong_b)} of {len(balances)} balances wrong")
+
+
+def save(figures: Figures) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{figures.scenario}.json"
+    path.write_text(json.dumps(asdict(figures), indent=2, default=str) + "\n")
+    line = {k: v for k, v in asdict(figures).items() if k not in ("violations", "answers")}
+    print(f"\nFAULT {json.dumps(line, default=str)}")
