@@ -46,3 +46,6 @@ def event_summary(event: WebhookEvent) -> dict[str, object]:
         "received_at": iso(event.received_at),
         "processed_at": iso(event.processed_at),
     }
+
+
+from ingest import credits_api  # noqa: E402, F401  (adds the credit routes to `bp`)
