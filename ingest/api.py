@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.orm import Session
 
 from ingest.app import require_admin, state
-from shared.models import WebhookEvent
+from shared import deadletters
+from shared.deadletters import FilterError
+from shared.models import EventStatus, WebhookEvent
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -45,6 +48,96 @@ def event_summary(event: WebhookEvent) -> dict[str, object]:
         "last_error": event.last_error,
         "received_at": iso(event.received_at),
         "processed_at": iso(event.processed_at),
+    }
+
+
+def bad_request(exc: FilterError) -> tuple[Response, int]:
+    return jsonify(error=str(exc)), 400
+
+
+@bp.get("/dead-letters")
+def list_dead_letters() -> tuple[Response, int]:
+    """Dead events, newest received first; `X-Total-Count` holds how many match in all."""
+    args = request.args
+    ids = [i for value in args.getlist("ids") for i in value.split(",") if i] or None
+    filters: dict[str, Any] = {
+        "type_glob": args.get("type"),
+        "since": args.get("since"),
+        "until": args.get("until"),
+        "ids": ids,
+    }
+    try:
+        limit = deadletters.parse_limit(args.get("limit"))
+        with Session(state().engine) as session:
+            events = deadletters.list_dead(session, limit=limit, **filters)
+            total = deadletters.count_dead(session, **filters)
+    except FilterError as exc:
+        return bad_request(exc)
+    answer = jsonify([event_summary(event) for event in events])
+    answer.headers["X-Total-Count"] = str(total)
+    return answer, 200
+
+
+@bp.get("/dead-letters/<webhook_id>")
+def get_dead_letter(webhook_id: str) -> tuple[Response, int]:
+    """One dead event in full: its summary, the signed headers and the raw body."""
+    with Session(state().engine) as session:
+        event = session.get(WebhookEvent, webhook_id)
+        if event is None or event.status != EventStatus.DEAD:
+            return not_found("dead letter", webhook_id)
+        return jsonify(dead_letter_detail(event)), 200
+
+
+@bp.post("/dead-letters/retry")
+def retry_dead_letters() -> tuple[Response, int]:
+    """Put matching dead events back to `pending` and queue them: `{matched, requeued}`."""
+    # Whatever the Content-Type, so `curl -d '{"type": "payment.*"}'` works as typed.
+    body = request.get_json(force=True, silent=True) if request.get_data() else {}
+    if not isinstance(body, dict):
+        return jsonify(error='the body must be a JSON object, e.g. {"type": "payment.*"}'), 400
+    unknown = sorted(set(body) - {"ids", "type", "since", "until", "dry_run", "all"})
+    if unknown:
+        return jsonify(error=f"unknown field(s): {', '.join(unknown)}"), 400
+    dry_run, everything = body.get("dry_run", False), body.get("all", False)
+    if not isinstance(dry_run, bool) or not isinstance(everything, bool):
+        return jsonify(error="dry_run and all must be true or false"), 400
+    ingest = state()
+    try:
+        with Session(ingest.engine) as session, session.begin():
+            result = deadletters.requeue_dead(
+                session,
+                type_glob=body.get("type"),
+                since=body.get("since"),
+                until=body.get("until"),
+                ids=body.get("ids"),
+                everything=everything,
+                dry_run=dry_run,
+            )
+    except FilterError as exc:
+        return bad_request(exc)
+    # After the commit: a worker that picks the message up must find the event pending.
+    sent = None if dry_run else deadletters.enqueue_requeued(ingest.celery, result.requeued)
+    answer: dict[str, Any] = {
+        "matched": result.matched,
+        "requeued": len(result.requeued),
+        "queued": sent.queued if sent else 0,
+        "dry_run": dry_run,
+    }
+    notes = deadletters.requeue_notes(
+        result, sent, redrive_after_seconds=ingest.settings.redrive_after_seconds
+    )
+    if notes:
+        answer["notes"] = notes
+    return jsonify(answer), 200
+
+
+def dead_letter_detail(event: WebhookEvent) -> dict[str, object]:
+    return {
+        **event_summary(event),
+        "event_at": iso(event.event_at),
+        "webhook_ts": event.webhook_ts,
+        "headers": event.headers,
+        "body": event.body.decode("utf-8", errors="replace"),
     }
 
 

@@ -10,12 +10,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy.exc
 from celery import Task
 from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError as BrokerUnavailable
+from redis.exceptions import RedisError
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_sessionmaker, transaction, utcnow
+from shared.envelope import EnvelopeError, read_envelope_head
 from shared.logs import get_logger, log_step
 from shared.models import EventStatus, Outcome, WebhookEvent
 from shared.queue import PROCESS_EVENT, REDRIVE, enqueue
@@ -52,6 +56,8 @@ class Claim:
     attempt: int
     webhook_ts: int
     event_at: datetime | None
+    # The previous attempt's error, kept when an attempt gives up without one of its own.
+    last_error: str | None = None
 
 
 class LostClaim(Exception):
@@ -90,13 +96,16 @@ def claim_event(
             WebhookEvent.attempts,
             WebhookEvent.webhook_ts,
             WebhookEvent.event_at,
+            WebhookEvent.last_error,
         )
     )
     with transaction(factory) as session:
         row = session.execute(stmt).first()
     if row is None:
         return None
-    return Claim(webhook_id, row.type, row.body, row.attempts, row.webhook_ts, row.event_at)
+    return Claim(
+        webhook_id, row.type, row.body, row.attempts, row.webhook_ts, row.event_at, row.last_error
+    )
 
 
 def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | None]:
@@ -112,6 +121,9 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
     ).scalar_one_or_none()
     if held is None:
         raise LostClaim(claim.webhook_id)
+    if claim.type is None:
+        # Dead on arrival (not an event envelope) and retried by an operator: same verdict.
+        read_envelope_head(claim.body)
     handler = ROUTES.get(claim.type or "")
     event = parse_event(claim.type, claim.body) if handler and claim.type else None
     if handler is None or event is None or claim.event_at is None:
@@ -135,8 +147,10 @@ def settle_failure(
     status: EventStatus,
     error: str,
     next_attempt_at: datetime | None = None,
+    attempts: int | None = None,
 ) -> bool:
     """Record a failed attempt as retrying or dead, if this attempt still holds the event."""
+    values: dict[str, Any] = {} if attempts is None else {"attempts": attempts}
     with transaction(factory) as session:
         result = session.execute(
             update(WebhookEvent)
@@ -151,13 +165,33 @@ def settle_failure(
                 lease_expires_at=None,
                 next_attempt_at=next_attempt_at,
                 processed_at=utcnow() if status == EventStatus.DEAD else None,
+                **values,
             )
         )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+# Final at once: retrying cannot change the verdict on the same bytes.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (EventValidationError, EnvelopeError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Database or broker unavailable, deadlock, serialization failure: worth waiting for.
+
+    Other errors (a handler meeting a row not there yet, a bug) are retried all the same,
+    up to MAX_ATTEMPTS; the distinction goes in the log line for whoever reads it.
+    """
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, sqlalchemy.exc.OperationalError)
+    return isinstance(
+        exc,
+        RedisError | BrokerUnavailable | sqlalchemy.exc.TimeoutError | ConnectionError,
+    )
+
+
 def backoff_seconds(attempt: int, config: Settings) -> float:
-    """Exponential with full jitter, capped below the broker's visibility timeout."""
+    """Exponential with jitter (between half and all of the step), capped below the broker's
+    visibility timeout: Redis would hand a countdown held longer to a second worker."""
     cap = min(config.retry_backoff_max_seconds, config.broker_visibility_timeout // 2)
     ceiling = min(cap, config.retry_backoff_base_seconds * 2 ** (attempt - 1))
     return random.uniform(ceiling / 2, ceiling)
@@ -174,11 +208,12 @@ def process_event(self: Task, webhook_id: str, after_attempt: int | None = None)
         claim = claim_event(factory, webhook_id, settings.lease_seconds, after_attempt)
     except Exception as exc:
         # Nothing was claimed (database down?): ask again later, without counting an attempt.
+        countdown = backoff_seconds(min(self.request.retries + 1, 16), settings)
         log.warning(
             "claim failed",
             extra={"step": "retry", "webhook_id": webhook_id, "error": describe(exc)},
         )
-        raise self.retry(countdown=backoff_seconds(1, settings), exc=exc) from None
+        raise self.retry(countdown=countdown, exc=exc) from None
     if claim is None:
         return "skipped"
     fields: dict[str, Any] = {
@@ -187,27 +222,23 @@ def process_event(self: Task, webhook_id: str, after_attempt: int | None = None)
         "attempt": claim.attempt,
     }
     if claim.attempt > settings.max_attempts:
-        # Earlier attempts died without a word (worker killed): this one stops the loop.
-        error = f"gave up after {settings.max_attempts} attempts without a result"
-        settle_failure(factory, claim, status=EventStatus.DEAD, error=error)
-        log_step(log, "dead", level=logging.WARNING, error=error, **fields)
-        return "dead"
+        # Earlier attempts ended without a written verdict (worker killed, database away when
+        # burying): this one stops the loop, and does not count itself as an attempt.
+        error = f"gave up after {settings.max_attempts} attempts"
+        error += f"; last error: {claim.last_error}" if claim.last_error else " without a result"
+        return bury(self, factory, claim, error, fields, attempts=claim.attempt - 1)
     log_step(log, "processing", **fields)
     try:
         with transaction(factory) as session:
             status, outcome = apply_event(session, claim)
     except LostClaim:
         return "skipped"
-    except EventValidationError as exc:
-        settle_failure(factory, claim, status=EventStatus.DEAD, error=str(exc))
-        log_step(log, "dead", level=logging.WARNING, error=str(exc), **fields)
-        return "dead"
+    except PERMANENT_ERRORS as exc:
+        return bury(self, factory, claim, str(exc), fields)
     except Exception as exc:
         error = describe(exc)
         if claim.attempt >= settings.max_attempts:
-            settle_failure(factory, claim, status=EventStatus.DEAD, error=error)
-            log_step(log, "dead", level=logging.WARNING, error=error, **fields)
-            return "dead"
+            return bury(self, factory, claim, error, fields)
         countdown = backoff_seconds(claim.attempt, settings)
         # If this cannot be written, the retry message's after_attempt still lets it claim.
         with contextlib.suppress(Exception):
@@ -223,9 +254,12 @@ def process_event(self: Task, webhook_id: str, after_attempt: int | None = None)
             "retry",
             level=logging.WARNING,
             error=error,
+            transient=is_transient(exc),
             countdown=round(countdown, 2),
             **fields,
         )
+        # Sending the retry may fail too (Redis away): Celery then drops this message, and
+        # the event, `retrying` in the database, is re-driven by beat.
         raise self.retry(
             args=[webhook_id],
             kwargs={"after_attempt": claim.attempt},
@@ -234,6 +268,34 @@ def process_event(self: Task, webhook_id: str, after_attempt: int | None = None)
         ) from None
     log_step(log, str(status), outcome=outcome, **fields)
     return str(status)
+
+
+def bury(
+    task: Task,
+    factory: sessionmaker[Session],
+    claim: Claim,
+    error: str,
+    fields: dict[str, Any],
+    *,
+    attempts: int | None = None,
+) -> str:
+    """Mark the event dead with its error; if that cannot be written, come back to write it."""
+    try:
+        settle_failure(factory, claim, status=EventStatus.DEAD, error=error, attempts=attempts)
+    except Exception as exc:
+        # The next claim of this attempt is past MAX_ATTEMPTS and buries it, error kept.
+        log.warning(
+            "could not record dead event",
+            extra={"step": "retry", "error": describe(exc), **fields},
+        )
+        raise task.retry(
+            args=[claim.webhook_id],
+            kwargs={"after_attempt": claim.attempt},
+            countdown=backoff_seconds(1, settings),
+            exc=exc,
+        ) from None
+    log_step(log, "dead", level=logging.WARNING, error=error, **fields)
+    return "dead"
 
 
 @app.task(name=REDRIVE, ignore_result=True)

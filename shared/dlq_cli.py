@@ -1,0 +1,270 @@
+"""`dodo-webhooks dlq list|show|retry`: the dead letters, straight from the database."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import deadletters
+from shared.cli import CommandError, first_line, redact
+from shared.deadletters import FilterError
+from shared.models import EventStatus, WebhookEvent
+from shared.settings import Settings, load_settings
+
+ERROR_WIDTH = 60
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="dead letters: list, show and retry events that gave up",
+        description="Dead letters, read from DATABASE_URL; a retry queues them on REDIS_URL.",
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", help="dead events, newest first")
+    _add_filters(listing)
+    listing.add_argument(
+        "--limit",
+        default=deadletters.DEFAULT_LIMIT,
+        help=f"at most this many (default {deadletters.DEFAULT_LIMIT}, max "
+        f"{deadletters.MAX_LIMIT})",
+    )
+    listing.set_defaults(run=cmd_list)
+
+    show = actions.add_parser("show", help="one or more dead events in full (headers, body)")
+    show.add_argument("ids", nargs="+", metavar="WEBHOOK_ID")
+    _add_common(show)
+    show.set_defaults(run=cmd_show)
+
+    retry = actions.add_parser(
+        "retry",
+        help="put dead events back to pending and queue them (same path, same idempotency)",
+        description="Retry the dead events named by ids and/or filters. With no id and no "
+        "filter, --all is required.",
+    )
+    retry.add_argument("ids", nargs="*", metavar="WEBHOOK_ID")
+    _add_filters(retry)
+    retry.add_argument("--all", action="store_true", help="every dead event (no filter)")
+    retry.add_argument("--dry-run", action="store_true", help="count what would be retried")
+    retry.set_defaults(run=cmd_retry)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for programs")
+    parser.add_argument("--database-url", help="instead of DATABASE_URL")
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--type", dest="type_glob", metavar="GLOB", help="e.g. 'subscription.*'")
+    parser.add_argument(
+        "--since", metavar="WHEN", help="received at or after: ISO-8601 time or date, or 2h, 7d"
+    )
+    parser.add_argument("--until", metavar="WHEN", help="received before (same forms)")
+    _add_common(parser)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    filters = _filters(args)
+    with _session(settings) as session:
+        try:
+            limit = deadletters.parse_limit(args.limit)
+            events = deadletters.list_dead(session, limit=limit, **filters)
+            total = deadletters.count_dead(session, **filters)
+        except FilterError as exc:
+            raise CommandError(str(exc)) from None
+    if args.json:
+        _print_json({"total": total, "dead_letters": [summary(e) for e in events]})
+        return 0
+    if events:
+        print(table(events))
+    shown = f"{len(events)} of {total}" if total > len(events) else str(total)
+    print(
+        f"{shown} dead letter(s)" + (" (raise --limit to see more)" if total > len(events) else "")
+    )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with _session(settings) as session:
+        found = session.scalars(select(WebhookEvent).where(WebhookEvent.webhook_id.in_(args.ids)))
+        events = {event.webhook_id: event for event in found}
+    missing = [i for i in args.ids if i not in events]
+    if args.json:
+        _print_json([detail(events[i]) for i in args.ids if i in events])
+    else:
+        for position, webhook_id in enumerate(i for i in args.ids if i in events):
+            if position:
+                print()
+            print(describe(events[webhook_id]))
+    if missing:
+        raise CommandError(f"no event with webhook id {', '.join(missing)}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    filters = _filters(args)
+    with _session(settings) as session:
+        try:
+            with session.begin():
+                result = deadletters.requeue_dead(
+                    session, everything=args.all, dry_run=args.dry_run, **filters
+                )
+        except FilterError as exc:
+            raise CommandError(str(exc)) from None
+    sent = None
+    if result.requeued:
+        # After the commit: a worker that picks the message up must find the event pending.
+        from shared.queue import make_celery
+
+        celery = make_celery(settings)
+        # One quick publish attempt: when Redis is away the events wait for the re-drive job.
+        celery.conf.task_publish_retry = False
+        try:
+            sent = deadletters.enqueue_requeued(celery, result.requeued)
+        finally:
+            celery.close()
+    notes = deadletters.requeue_notes(
+        result, sent, redrive_after_seconds=settings.redrive_after_seconds
+    )
+    if args.json:
+        _print_json(
+            {
+                "matched": result.matched,
+                "requeued": len(result.requeued),
+                "queued": sent.queued if sent else 0,
+                "dry_run": args.dry_run,
+                "ids": result.ids,
+                "notes": notes,
+            }
+        )
+    else:
+        if args.dry_run:
+            print(f"dry run: {result.matched} dead letter(s) would be retried; nothing changed")
+        else:
+            queued = sent.queued if sent else 0
+            print(
+                f"{result.matched} dead letter(s) matched, {len(result.requeued)} set pending, "
+                f"{queued} queued"
+            )
+        for note in notes:
+            print(f"note: {note}")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings()
+    if args.database_url:
+        settings = settings.model_copy(update={"database_url": args.database_url})
+    return settings
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    ids = getattr(args, "ids", None) or None
+    return {"type_glob": args.type_glob, "since": args.since, "until": args.until, "ids": ids}
+
+
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    """A session on DATABASE_URL, or one line naming it when the database does not answer."""
+    from shared.db import make_engine
+
+    url = settings.database_url
+    try:
+        engine = make_engine(url)
+        connection = engine.connect()
+    except Exception as exc:
+        raise CommandError(
+            f"DATABASE_URL: cannot reach the database at {redact(url)}: {first_line(exc)}"
+        ) from None
+    try:
+        with Session(bind=connection) as session:
+            yield session
+    finally:
+        connection.close()
+        engine.dispose()
+
+
+def summary(event: WebhookEvent) -> dict[str, Any]:
+    return {
+        "webhook_id": event.webhook_id,
+        "type": event.type,
+        "status": event.status,
+        "outcome": event.outcome,
+        "attempts": event.attempts,
+        "last_error": event.last_error,
+        "received_at": _iso(event.received_at),
+        "processed_at": _iso(event.processed_at),
+    }
+
+
+def detail(event: WebhookEvent) -> dict[str, Any]:
+    return {
+        **summary(event),
+        "event_at": _iso(event.event_at),
+        "webhook_ts": event.webhook_ts,
+        "headers": event.headers,
+        "body": event.body.decode("utf-8", errors="replace"),
+    }
+
+
+def table(events: list[WebhookEvent]) -> str:
+    rows = [("WEBHOOK_ID", "TYPE", "ATTEMPTS", "RECEIVED_AT", "LAST_ERROR")]
+    for e in events:
+        received = e.received_at.strftime("%Y-%m-%d %H:%M:%SZ")
+        rows.append((e.webhook_id, e.type or "-", str(e.attempts), received, _short(e.last_error)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
+        + "  "
+        + row[4]
+        for row in rows
+    )
+
+
+def describe(event: WebhookEvent) -> str:
+    lines = [
+        f"webhook_id:   {event.webhook_id}",
+        f"type:         {event.type or '- (no valid envelope)'}",
+        f"status:       {event.status}"
+        + ("" if event.status == EventStatus.DEAD else "  (not a dead letter now)"),
+        f"attempts:     {event.attempts}",
+        f"received_at:  {_iso(event.received_at)}",
+        f"event_at:     {_iso(event.event_at) or '-'}",
+        f"processed_at: {_iso(event.processed_at) or '-'}",
+        f"last_error:   {event.last_error or '-'}",
+        "headers:",
+        *(f"  {name}: {value}" for name, value in sorted(event.headers.items())),
+        "body:",
+    ]
+    text = event.body.decode("utf-8", errors="replace")
+    with suppress(ValueError):
+        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    lines.extend(f"  {line}" for line in text.splitlines())
+    return "\n".join(lines)
+
+
+def _short(error: str | None) -> str:
+    if not error:
+        return "-"
+    line = error.splitlines()[0]
+    return line if len(line) <= ERROR_WIDTH else line[: ERROR_WIDTH - 1] + "…"
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
