@@ -7,10 +7,18 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
-from shared.models import Dispute, DisputeHistory, Outcome, Payment
+from shared.models import (
+    Dispute,
+    DisputeHistory,
+    Outcome,
+    Payment,
+    Subscription,
+    SubscriptionHistory,
+)
 from shared.schemas import Envelope
 from tests.handlers.events import apply, at, count, make_event
 from workers.handlers import ROUTES, Delivery
@@ -91,3 +99,45 @@ class TestConcurrentSnapshots:
                 assert dispute is not None
                 assert dispute.dispute_status == "dispute_won", f"round {round_}: lost update"
         assert count(factory, DisputeHistory) == 3 * ROUNDS
+
+
+class TestArrivalOrder:
+    def test_final_state_does_not_depend_on_arrival_order_or_duplicates(
+        self, factory: sessionmaker[Session]
+    ) -> None:
+        """Any shuffle of a subscription's events, some delivered twice, ends in one state."""
+        rng = random.Random(20260301)
+        lifecycle = [
+            ("subscription.active", 0, {}),
+            ("subscription.renewed", 10, {}),
+            ("subscription.plan_changed", 20, {"product_id": "pdt_2", "quantity": 4}),
+            ("subscription.on_hold", 30, {"product_id": "pdt_2", "quantity": 4}),
+            ("subscription.cancelled", 30, {"product_id": "pdt_2", "quantity": 4}),
+        ]
+        for round_ in range(8):
+            subscription_id = f"sub_{round_}"
+            events = [
+                make_event(t, when=at(s), subscription_id=subscription_id, **data)
+                for t, s, data in lifecycle
+            ]
+            arrivals = events + rng.sample(events, 2)
+            rng.shuffle(arrivals)
+            for event in arrivals:
+                apply(factory, *event)
+            # Same timestamp for the last two: the later delivery (larger id) wins the tie.
+            last = max(events, key=lambda e: e[1].order_key)
+            with factory() as session:
+                row = session.get(Subscription, subscription_id)
+                assert row is not None
+                assert (row.status, row.product_id, row.quantity, row.last_webhook_id) == (
+                    "cancelled",
+                    "pdt_2",
+                    4,
+                    last[1].webhook_id,
+                ), f"round {round_}"
+                history = session.scalars(
+                    select(SubscriptionHistory.type)
+                    .where(SubscriptionHistory.subscription_id == subscription_id)
+                    .order_by(SubscriptionHistory.event_at, SubscriptionHistory.webhook_id)
+                ).all()
+            assert history == [t for t, _, _ in lifecycle]
