@@ -12,11 +12,11 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any
+from datetime import UTC, datetime
+from typing import Protocol
 
 import requests
 
@@ -24,158 +24,49 @@ from shared.samples import sample_event
 from tests.support import signed_headers
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """One event as Dodo sends it: a delivery id and the exact body signed."""
-
-    webhook_id: str
-    body: str
-    type: str
-    poison: bool = False
+class Deliverable(Protocol):
+    """What the sender needs of a delivery (`tests.reference.Sent` is one)."""
 
     @property
-    def event(self) -> dict[str, Any]:
-        return json.loads(self.body)  # type: ignore[no-any-return]
+    def webhook_id(self) -> str: ...
+    @property
+    def webhook_ts(self) -> int: ...
+    @property
+    def body(self) -> str: ...
+    @property
+    def type(self) -> str: ...
 
 
-# A payment amount PostgreSQL's BIGINT cannot hold: valid JSON, valid for pydantic's `int`
-# and for the SDK's model, refused by the database on every attempt (no test hook needed).
-POISON_AMOUNT = 2**63 + 7
+@dataclass(frozen=True)
+class Poison:
+    """An event that verifies and validates, and that PostgreSQL refuses on every attempt.
 
-
-def _event(event_type: str, at: datetime, overrides: dict[str, Any]) -> str:
-    return json.dumps(sample_event(event_type, timestamp=at, overrides=overrides))
-
-
-def make_events(count: int, seed: int = 7) -> list[Delivery]:
-    """About `count` distinct deliveries of realistic, mixed Dodo events, ~1% of them poison.
-
-    Each entity (payment, refund, dispute, subscription, license key, credit account) gets a
-    small life cycle of events with increasing occurrence timestamps; the caller shuffles.
+    `1e400` is a valid JSON number (RFC 8259 sets no range) and the schemas accept any
+    value in the free-form `metadata`; parsed, it is a float infinity, which the handler
+    stores in the `data` JSON column as `Infinity` — not JSON, refused by PostgreSQL with
+    "invalid input syntax for type json". The error is not a validation error, so the
+    product retries it MAX_ATTEMPTS times and then dead-letters it. No test hook involved.
     """
-    rng = random.Random(seed)
-    base = datetime(2026, 3, 1, tzinfo=UTC)
-    out: list[Delivery] = []
-    n = 0
 
-    def add(event_type: str, at: datetime, overrides: dict[str, Any], poison: bool = False) -> None:
-        nonlocal n
-        n += 1
-        out.append(
-            Delivery(f"msg_f{seed}_{n:06d}", _event(event_type, at, overrides), event_type, poison)
-        )
+    webhook_id: str
+    webhook_ts: int
+    body: str
+    type: str = "payment.succeeded"
 
-    entity = 0
-    while len(out) < count:
-        entity += 1
-        at = base + timedelta(minutes=entity)
-        kind = rng.choice(
-            [
-                "payment",
-                "payment",
-                "refund",
-                "dispute",
-                "subscription",
-                "license",
-                "credit",
-                "other",
-            ]
+
+def make_poison(count: int, *, seed: int, now: int) -> list[Poison]:
+    out = []
+    for i in range(count):
+        event = sample_event(
+            "payment.succeeded",
+            overrides={
+                "data.payment_id": f"pay_poison_{seed}_{i}",
+                "data.metadata": {"score": "SCORE"},
+            },
         )
-        if kind == "payment":
-            pid = f"pay_f{entity}"
-            types = ["payment.processing", rng.choice(["payment.succeeded", "payment.failed"])]
-            for i, t in enumerate(types):
-                add(
-                    t,
-                    at + timedelta(seconds=i),
-                    {"data.payment_id": pid, "data.total_amount": 1000 + entity},
-                )
-        elif kind == "refund":
-            rid = f"ref_f{entity}"
-            for i, t in enumerate(["refund.failed", "refund.succeeded"][: rng.randint(1, 2)]):
-                add(
-                    t,
-                    at + timedelta(seconds=i),
-                    {"data.refund_id": rid, "data.payment_id": f"pay_r{entity}"},
-                )
-        elif kind == "dispute":
-            did = f"dis_f{entity}"
-            for i, t in enumerate(
-                [
-                    "dispute.opened",
-                    "dispute.challenged",
-                    rng.choice(["dispute.won", "dispute.lost"]),
-                ]
-            ):
-                add(
-                    t,
-                    at + timedelta(seconds=i),
-                    {"data.dispute_id": did, "data.payment_id": f"pay_d{entity}"},
-                )
-        elif kind == "subscription":
-            sid = f"sub_f{entity}"
-            types = [
-                "subscription.active",
-                "subscription.renewed",
-                rng.choice(["subscription.on_hold", "subscription.cancelled"]),
-            ]
-            for i, t in enumerate(types):
-                add(
-                    t,
-                    at + timedelta(seconds=i),
-                    {"data.subscription_id": sid, "data.customer.customer_id": f"cus_s{entity}"},
-                )
-        elif kind == "license":
-            add(
-                "license_key.created",
-                at,
-                {"data.id": f"lic_f{entity}", "data.customer_id": f"cus_l{entity}"},
-            )
-        elif kind == "credit":
-            customer, entitlement = f"cus_c{entity}", f"cde_c{entity}"
-            balance = Decimal("0.00")
-            for i in range(rng.randint(2, 5)):
-                credit = i == 0 or rng.random() < 0.5
-                amount = Decimal(rng.randint(1, 40))
-                after = balance + amount if credit else balance - amount
-                t = "credit.added" if credit else "credit.deducted"
-                when = at + timedelta(seconds=i)
-                overrides = {
-                    "data.id": f"cle_f{entity}_{i}",
-                    "data.customer_id": customer,
-                    "data.credit_entitlement_id": entitlement,
-                    "data.transaction_type": "credit_added" if credit else "credit_deducted",
-                    "data.is_credit": credit,
-                    "data.amount": str(amount),
-                    "data.balance_before": str(balance),
-                    "data.balance_after": str(after),
-                    "data.overage_before": "0",
-                    "data.overage_after": "0",
-                    "data.created_at": when.isoformat(),
-                }
-                add(t, when, overrides)
-                if rng.random() < 0.15:
-                    # The same ledger entry under a second delivery id: it counts once.
-                    add(t, when, overrides)
-                balance = after
-        else:
-            add(rng.choice(["payout.created", "dunning.started", "fancy.new_type"]), at, {})
-        if rng.random() < 0.01 or (entity == 5 and not any(d.poison for d in out)):
-            add(
-                "payment.succeeded",
-                at,
-                {"data.payment_id": f"pay_poison{entity}", "data.total_amount": POISON_AMOUNT},
-                poison=True,
-            )
+        body = json.dumps(event).replace('"SCORE"', "1e400")
+        out.append(Poison(f"msg_poison_{seed}_{i}", now, body))
     return out
-
-
-def with_duplicates(events: list[Delivery], share: float = 0.2, seed: int = 7) -> list[Delivery]:
-    """The deliveries in a shuffled order, with `share` of them sent a second time."""
-    rng = random.Random(seed)
-    deliveries = list(events) + rng.sample(events, int(len(events) * share))
-    rng.shuffle(deliveries)
-    return deliveries
 
 
 @dataclass
@@ -193,7 +84,7 @@ class Sender:
     _thread: threading.Thread | None = None
     done_at: float | None = None
 
-    def _deliver(self, delivery: Delivery, give_up_at: float) -> None:
+    def _deliver(self, delivery: Deliverable, give_up_at: float) -> None:
         session = requests.Session()
         wait = 0.2
         while True:
@@ -201,7 +92,13 @@ class Sender:
                 answer = session.post(
                     f"{self.url}/webhooks/dodo",
                     data=delivery.body,
-                    headers=signed_headers(delivery.body, webhook_id=delivery.webhook_id),
+                    # Signed at the delivery's own webhook-timestamp: the reference model
+                    # breaks occurrence-time ties with it.
+                    headers=signed_headers(
+                        delivery.body,
+                        webhook_id=delivery.webhook_id,
+                        at=datetime.fromtimestamp(delivery.webhook_ts, UTC),
+                    ),
                     timeout=15,
                 )
                 outcome = str(answer.status_code)
@@ -223,7 +120,7 @@ class Sender:
 
     def start(
         self,
-        deliveries: list[Delivery],
+        deliveries: Sequence[Deliverable],
         rate: float,
         *,
         gate_at: int | None = None,
