@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -352,6 +353,13 @@ class Stack:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+    def worker_of(self, pid: int) -> str:
+        """The name of the worker whose main process is `pid` or the parent of `pid`."""
+        for name, proc in self.workers.items():
+            if pid == proc.pid or parent_of(pid) == proc.pid:
+                return name
+        raise LookupError(f"process {pid} belongs to no worker")
+
     def kill_pool_children(self, name: str) -> list[int]:
         """SIGKILL every prefork pool child of one worker; the main process stays."""
         pids = children(self.workers[name].pid)
@@ -402,3 +410,26 @@ class Stack:
             stop.set()
             thread.join(timeout=10)
             admin.dispose()
+
+
+def process_of_backend(engine: Engine, backend_pid: int) -> int | None:
+    """The local process on the client end of a PostgreSQL backend's TCP connection."""
+    with engine.connect() as conn:
+        port = conn.execute(
+            text("SELECT client_port FROM pg_stat_activity WHERE pid = :pid"), {"pid": backend_pid}
+        ).scalar()
+    if not port:
+        return None
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    found = re.search(r"pid=(\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+def parent_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]

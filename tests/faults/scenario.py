@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,18 +11,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import requests
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, inspect, text
 
-from tests.faults.harness import MAX_ATTEMPTS, Stack
+from shared.samples import sample_event
+from tests.faults.harness import MAX_ATTEMPTS, Stack, process_of_backend
 from tests.faults.sender import Deliverable, Poison, Sender, make_poison
 from tests.lifecycles import generate, with_duplicates
 from tests.reference import LEDGER_TYPES, Sent, expected_state
-from tests.support import ADMIN_TOKEN
+from tests.support import ADMIN_TOKEN, wait_until
 from tests.test_model_based import api_differences
 
 FAULT_EVENTS = int(os.environ.get("FAULT_EVENTS", "200"))
@@ -51,7 +53,105 @@ class Figures:
     violations: list[str] = field(default_factory=list)
 
 
-Fault = Callable[[Stack, Sender, Figures], None]
+class InFlight:
+    """One event held mid-task: its handler waits on a payments row lock the test holds.
+
+    The payment is created by a first event; the test then locks its row (`SELECT ... FOR
+    UPDATE` in a transaction of its own) and sends a newer event for it. The worker claims
+    that event (attempt counted, lease started) and blocks inside the handler, in its
+    transaction, holding the event's row: a real task in flight, for as long as the test
+    likes, with no hook in the product. `release()` lets it go on.
+    """
+
+    def __init__(self, stack: Stack, sender: Sender, seed: int, now: int) -> None:
+        self.stack, self.sender = stack, sender
+        payment_id = f"pay_inflight_{seed}"
+        at = datetime(2026, 6, 1, tzinfo=UTC)
+        self.first, self.second = (
+            Sent(
+                f"msg_inflight_{seed}_{n}",
+                now,
+                sample_event(
+                    event_type,
+                    timestamp=at + timedelta(hours=n),
+                    overrides={"data.payment_id": payment_id},
+                ),
+            )
+            for n, event_type in ((1, "payment.processing"), (2, "payment.succeeded"))
+        )
+        self.payment_id = payment_id
+        self.started = False
+        self._conn: Connection | None = None
+        self._tx: Any = None
+        self.backend_pid: int | None = None
+        self.worker_pid: int | None = None
+
+    @property
+    def sents(self) -> list[Sent]:
+        return [self.first, self.second] if self.started else []
+
+    def status(self, webhook_id: str) -> tuple[str, int]:
+        with self.stack.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT status, attempts FROM webhook_events WHERE webhook_id = :w"),
+                {"w": webhook_id},
+            ).one()
+        return str(row[0]), int(row[1])
+
+    def start(self) -> str:
+        """Hold the task; returns the name of the worker whose pool child runs it."""
+        self.started = True
+        assert self.sender.deliver_now(self.first)
+        wait_until(
+            lambda: self.status(self.first.webhook_id)[0] == "processed",
+            timeout=60,
+            what="the in-flight payment to exist",
+        )
+        self._conn = self.stack.engine.connect()
+        self._tx = self._conn.begin()
+        self._conn.execute(
+            text("SELECT 1 FROM payments WHERE payment_id = :p FOR UPDATE"),
+            {"p": self.payment_id},
+        )
+        mine = self._conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        assert self.sender.deliver_now(self.second)
+
+        def blocked() -> int | None:
+            with self.stack.engine.connect() as conn:
+                return conn.execute(  # type: ignore[no-any-return]
+                    text(
+                        "SELECT pid FROM pg_stat_activity "
+                        "WHERE :mine = ANY(pg_blocking_pids(pid)) LIMIT 1"
+                    ),
+                    {"mine": mine},
+                ).scalar()
+
+        self.backend_pid = wait_until(blocked, timeout=60, what="the handler to block")
+        self.worker_pid = wait_until(
+            lambda: process_of_backend(self.stack.engine, self.backend_pid or 0),
+            timeout=10,
+            what="the process holding the blocked backend",
+        )
+        return self.stack.worker_of(self.worker_pid or 0)
+
+    def release(self) -> None:
+        if self._tx is not None:
+            with contextlib.suppress(Exception):
+                self._tx.commit()
+            assert self._conn is not None
+            self._conn.close()
+            self._tx = self._conn = None
+
+
+@dataclass
+class Ctx:
+    stack: Stack
+    sender: Sender
+    figures: Figures
+    held: InFlight
+
+
+Fault = Callable[[Ctx], None]
 
 
 def run_scenario(
@@ -85,9 +185,11 @@ def run_scenario(
     sender.start(deliveries, rate, gate_at=int(len(deliveries) * (1 - held_share)), gate=healed)
     sender.wait_sent(int(len(deliveries) * after_share))
     t_fault = time.time()
+    held = InFlight(stack, sender, seed, now)
     try:
-        fault(stack, sender, figures)
+        fault(Ctx(stack, sender, figures, held))
     finally:
+        held.release()
         t_healed = time.time()
         healed.set()
     figures.fault_seconds = round(t_healed - t_fault, 1)
@@ -100,7 +202,12 @@ def run_scenario(
     figures.acked = len(sender.acked)
     figures.rate_before = finished_rate(stack, t_start, t_fault)
     figures.rate_after = finished_rate(stack, t_healed, drained_at)
-    check(stack, world.events, poison, sender, figures)
+    figures.events += len(held.sents)
+    check(stack, [*world.events, *held.sents], poison, sender, figures)
+    if held.started:
+        figures.notes["in_flight_event"] = dict(
+            zip(("status", "attempts"), held.status(held.second.webhook_id), strict=True)
+        )
     save(figures)
     return figures
 

@@ -118,6 +118,11 @@ class Sender:
             time.sleep(wait * random.uniform(0.5, 1.0))
             wait = min(wait * 2, 2.0)
 
+    def deliver_now(self, delivery: Deliverable, timeout: float = 60) -> bool:
+        """Deliver one, retrying like Dodo, in the caller's thread; True once acknowledged."""
+        self._deliver(delivery, time.monotonic() + timeout)
+        return delivery.webhook_id in self.acked
+
     def start(
         self,
         deliveries: Sequence[Deliverable],

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from tests.faults.harness import LEASE_SECONDS, VISIBILITY_TIMEOUT, Stack
-from tests.faults.scenario import Figures, run_scenario
-from tests.faults.sender import Sender
+from tests.faults.scenario import Ctx, Figures, run_scenario
+from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,41 +46,118 @@ def _sleep_while(seconds: float) -> None:
 
 class TestWorkerFaults:
     def test_worker_main_process_sigkill_loses_and_doubles_nothing(self, stack: Stack) -> None:
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
-            orphans = stack.kill_worker_main("w1")
-            figures.notes["pool_children_orphaned"] = len(orphans)
-            stack.reap(orphans)
-            stack.start_worker("w1")
+        def fault(ctx: Ctx) -> None:
+            name = ctx.held.start()  # this worker's pool child is mid-task
+            orphans = stack.kill_worker_main(name)
+            time.sleep(2)
+            ctx.figures.notes["orphans_still_alive_after_2s"] = sum(
+                Path(f"/proc/{pid}").exists() for pid in orphans
+            )
+            stack.reap(orphans, timeout=0)  # the rest of the worker dies too
+            ctx.held.release()
+            stack.start_worker(name)
 
-        assert_guarantees(run_scenario(stack, "1-worker-main-sigkill", fault, seed=101), stack)
+        figures = run_scenario(stack, "1-worker-main-sigkill", fault, seed=101)
+        assert_guarantees(figures, stack)
+        # The task killed mid-way was taken over after its lease: a second attempt.
+        assert figures.notes["in_flight_event"] == {"status": "processed", "attempts": 2}
 
     def test_pool_child_sigkill_loses_and_doubles_nothing(self, stack: Stack) -> None:
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
-            killed = stack.kill_pool_children("w1")
+        def fault(ctx: Ctx) -> None:
+            name = ctx.held.start()
+            killed = stack.kill_pool_children(name)  # the one mid-task among them
             time.sleep(1.0)
-            killed += stack.kill_pool_children("w2")
+            ctx.held.release()
+            killed += stack.kill_pool_children("w1" if name == "w2" else "w2")
             time.sleep(1.0)
-            killed += stack.kill_pool_children("w1")
-            figures.notes["pool_children_killed"] = len(killed)
+            killed += stack.kill_pool_children(name)
+            ctx.figures.notes["pool_children_killed"] = len(killed)
 
-        assert_guarantees(run_scenario(stack, "2-pool-child-sigkill", fault, seed=102), stack)
+        figures = run_scenario(stack, "2-pool-child-sigkill", fault, seed=102)
+        assert_guarantees(figures, stack)
+        assert figures.notes["in_flight_event"] == {"status": "processed", "attempts": 2}
 
     def test_worker_stopped_longer_than_the_lease_then_resumed_applies_once(
         self, stack: Stack
     ) -> None:
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
-            stack.stop_worker("w1")
-            try:
-                time.sleep(LEASE_SECONDS + 4)
-            finally:
-                stack.cont_worker("w1")
+        """A frozen worker (SIGSTOP: a paused VM, a stuck process) holding a task mid-way
+        must not keep that event from being processed by the others once the lease is out;
+        and once it resumes, it must not apply the event a second time."""
 
-        assert_guarantees(run_scenario(stack, "3-worker-sigstop", fault, seed=103), stack)
+        def fault(ctx: Ctx) -> None:
+            name = ctx.held.start()
+            stack.stop_worker(name)
+            try:
+                # Its handler now gets the lock, in a transaction the frozen process holds.
+                ctx.held.release()
+                deadline = time.monotonic() + LEASE_SECONDS + 15
+                while time.monotonic() < deadline:
+                    if ctx.held.status(ctx.held.second.webhook_id)[0] == "processed":
+                        break
+                    time.sleep(0.25)
+                ctx.figures.notes["in_flight_processed_while_frozen"] = (
+                    ctx.held.status(ctx.held.second.webhook_id)[0] == "processed"
+                )
+            finally:
+                stack.cont_worker(name)
+
+        figures = run_scenario(stack, "3-worker-sigstop", fault, seed=103)
+        assert_guarantees(figures, stack)
+        assert figures.notes["in_flight_processed_while_frozen"]
+        assert figures.notes["in_flight_event"] == {"status": "processed", "attempts": 2}
+
+    def test_task_slower_than_the_visibility_timeout_is_applied_once(self, stack: Stack) -> None:
+        """The handler is held (a row lock the test holds) past Redis' visibility timeout, so
+        kombu hands the same message to a second worker while the first still runs it.
+
+        kombu sweeps expired unacknowledged messages when a worker starts and then only every
+        ~100 s (unacked_restore_interval x throttle); to see the redelivery within the test's
+        patience a third worker is started once the timeout has passed — a scale-up, as
+        `docker compose up --scale worker=3` does — and its start-up sweep restores it.
+        """
+
+        def fault(ctx: Ctx) -> None:
+            ctx.held.start()
+            held_backend = ctx.held.backend_pid
+            time.sleep(VISIBILITY_TIMEOUT + 2)
+            stack.start_worker("w3")
+
+            def redelivered_claim_waits() -> bool:
+                with stack.engine.connect() as conn:
+                    return bool(
+                        conn.execute(
+                            text(
+                                "SELECT count(*) FROM pg_stat_activity "
+                                "WHERE :held = ANY(pg_blocking_pids(pid)) "
+                                "AND query ILIKE 'UPDATE webhook_events%'"
+                            ),
+                            {"held": held_backend},
+                        ).scalar_one()
+                    )
+
+            started = time.monotonic()
+            try:
+                wait_until(redelivered_claim_waits, timeout=150, interval=0.5)
+                ctx.figures.notes["redelivered_claim_waited"] = True
+            except AssertionError:
+                ctx.figures.notes["redelivered_claim_waited"] = False
+            ctx.figures.notes["redelivery_seconds_after_w3"] = round(time.monotonic() - started, 1)
+            ctx.held.release()
+
+        try:
+            figures = run_scenario(stack, "9-task-slower-than-visibility-timeout", fault, seed=109)
+        finally:
+            if "w3" in stack.workers:
+                stack.workers.pop("w3").stop()
+        assert_guarantees(figures, stack)
+        assert figures.notes["redelivered_claim_waited"]
+        # Applied once, by its first attempt; the redelivered copy found it processed.
+        assert figures.notes["in_flight_event"] == {"status": "processed", "attempts": 1}
 
 
 class TestRedisFaults:
     def test_redis_killed_and_restarted_with_its_data(self, stack: Stack) -> None:
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
+        def fault(ctx: Ctx) -> None:
             stack.redis.kill()
             time.sleep(3)
             stack.redis.start()
@@ -87,9 +165,9 @@ class TestRedisFaults:
         assert_guarantees(run_scenario(stack, "4-redis-restart-with-data", fault, seed=104), stack)
 
     def test_redis_killed_and_restarted_empty_loses_nothing(self, stack: Stack) -> None:
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
+        def fault(ctx: Ctx) -> None:
             client = stack.redis.client()
-            figures.notes["redis_keys_wiped"] = client.dbsize()
+            ctx.figures.notes["redis_keys_wiped"] = client.dbsize()
             client.close()
             stack.redis.kill()
             stack.redis.wipe()
@@ -101,7 +179,7 @@ class TestRedisFaults:
 
 class TestPostgresFaults:
     def test_postgres_stopped_immediately_and_restarted(self, stack: Stack) -> None:
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
+        def fault(ctx: Ctx) -> None:
             stack.pg.stop("immediate")
             time.sleep(4)
             stack.pg.start()
@@ -112,10 +190,10 @@ class TestPostgresFaults:
         assert figures.answers.get("503", 0) > 0
 
     def test_connections_terminated_repeatedly(self, stack: Stack) -> None:
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
+        def fault(ctx: Ctx) -> None:
             with stack.terminating_connections(every=0.3) as killed:
                 time.sleep(6)
-            figures.notes["backends_terminated"] = sum(killed)
+            ctx.figures.notes["backends_terminated"] = sum(killed)
 
         figures = run_scenario(stack, "7-connections-terminated", fault, seed=107)
         assert_guarantees(figures, stack)
@@ -129,7 +207,7 @@ class TestIngestFaults:
         got no answer: its retry is a duplicate (200) that queues nothing. Only the re-drive
         can process them."""
 
-        def fault(stack: Stack, sender: Sender, figures: Figures) -> None:
+        def fault(ctx: Ctx) -> None:
             old = stack.ingest
             assert old is not None
             stack.redis.pause()
@@ -138,7 +216,7 @@ class TestIngestFaults:
                 stack.kill_ingest()
             finally:
                 stack.redis.resume()
-            figures.notes["recorded_never_queued"] = recorded_never_queued(old.log_path)
+            ctx.figures.notes["recorded_never_queued"] = recorded_never_queued(old.log_path)
             stack.start_ingest()
 
         figures = run_scenario(stack, "8-ingest-killed-before-enqueue", fault, seed=108)
@@ -157,6 +235,3 @@ def recorded_never_queued(log: Path) -> int:
             elif entry.get("step") in ("queued", "queue_failed"):
                 queued.add(entry.get("webhook_id"))
     return len(received - queued)
-
-
-_ = VISIBILITY_TIMEOUT
