@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 from kombu.transport import redis as kombu_redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared.catalog import EVENT_QUEUES, MAINTENANCE_QUEUE, queue_for
 from shared.settings import Settings
@@ -34,9 +36,22 @@ class _QoS(kombu_redis.QoS):
 class _Channel(kombu_redis.Channel):
     QoS = _QoS
 
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
+        if asynchronous:
+            # The worker's event loop reads BRPOP and pub/sub (remote control) replies on
+            # these connections. redis-py retries a broken one by itself: it reconnected
+            # the pub/sub connection to the new Redis and then waited there, blocking, for a
+            # broadcast - the whole worker hung, never consuming again, never noticing the
+            # restart. Without that retry the error reaches kombu, and the worker
+            # reconnects, declares its queues again and carries on.
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
+
 
 class RedisTransport(kombu_redis.Transport):
-    """kombu's Redis transport; a worker survives Redis going away (see `_QoS`)."""
+    """kombu's Redis transport, with which a worker survives Redis going away or restarting
+    empty (see `_QoS` and `_Channel._connparams`): found by tests/faults."""
 
     Channel = _Channel
 
