@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from shared.catalog import EVENT_QUEUES
 from tests.faults.harness import LEASE_SECONDS, VISIBILITY_TIMEOUT, Stack
 from tests.faults.scenario import Ctx, Figures, run_scenario
 from tests.support import wait_until
@@ -155,26 +156,66 @@ class TestWorkerFaults:
         assert figures.notes["in_flight_event"] == {"status": "processed", "attempts": 1}
 
 
+def queued_messages(stack: Stack) -> dict[str, int]:
+    """Messages waiting in the event queues, and delivered but not yet acknowledged."""
+    client = stack.redis.client()
+    try:
+        waiting = sum(int(client.llen(queue)) for queue in EVENT_QUEUES)
+        return {"waiting": waiting, "unacked": int(client.hlen("unacked"))}
+    finally:
+        client.close()
+
+
+def freeze_workers(stack: Stack, seconds: float) -> dict[str, int]:
+    """SIGSTOP every worker for a moment so that messages pile up in Redis."""
+    for name in stack.workers:
+        stack.stop_worker(name)
+    time.sleep(seconds)
+    return queued_messages(stack)
+
+
+def thaw_workers(stack: Stack) -> None:
+    for name in stack.workers:
+        stack.cont_worker(name)
+
+
 class TestRedisFaults:
+    """The workers are frozen for 2 s first, so that Redis holds a backlog when it dies."""
+
     def test_redis_killed_and_restarted_with_its_data(self, stack: Stack) -> None:
         def fault(ctx: Ctx) -> None:
-            stack.redis.kill()
-            time.sleep(3)
-            stack.redis.start()
+            try:
+                ctx.figures.notes["queued_at_kill"] = freeze_workers(stack, 2)
+                stack.redis.kill()
+                time.sleep(3)
+                stack.redis.start()
+                # appendfsync always: every message Redis had acknowledged is back.
+                ctx.figures.notes["queued_after_restart"] = queued_messages(stack)
+            finally:
+                thaw_workers(stack)
 
-        assert_guarantees(run_scenario(stack, "4-redis-restart-with-data", fault, seed=104), stack)
+        figures = run_scenario(stack, "4-redis-restart-with-data", fault, seed=104)
+        assert_guarantees(figures, stack)
+        assert figures.notes["queued_at_kill"]["waiting"] > 0
+        assert figures.notes["queued_after_restart"] == figures.notes["queued_at_kill"]
 
     def test_redis_killed_and_restarted_empty_loses_nothing(self, stack: Stack) -> None:
         def fault(ctx: Ctx) -> None:
-            client = stack.redis.client()
-            ctx.figures.notes["redis_keys_wiped"] = client.dbsize()
-            client.close()
-            stack.redis.kill()
-            stack.redis.wipe()
-            time.sleep(3)
-            stack.redis.start()
+            try:
+                ctx.figures.notes["messages_wiped"] = freeze_workers(stack, 2)
+                stack.redis.kill()
+                stack.redis.wipe()
+                time.sleep(3)
+                stack.redis.start()
+                ctx.figures.notes["queued_after_restart"] = queued_messages(stack)
+            finally:
+                thaw_workers(stack)
 
-        assert_guarantees(run_scenario(stack, "5-redis-restart-empty", fault, seed=105), stack)
+        figures = run_scenario(stack, "5-redis-restart-empty", fault, seed=105)
+        assert_guarantees(figures, stack)
+        # Work signals were lost for sure; the events came back through the re-drive.
+        assert figures.notes["messages_wiped"]["waiting"] > 0
+        assert figures.notes["queued_after_restart"] == {"waiting": 0, "unacked": 0}
 
 
 class TestPostgresFaults:
