@@ -361,7 +361,11 @@ def check_effects(stack: Stack, applied: list[Deliverable], bad: list[str]) -> i
     return doubled
 
 
+SESSION_FIGURES: list[Figures] = []
+
+
 def save(figures: Figures) -> None:
+    SESSION_FIGURES.append(figures)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{figures.scenario}.json"
     path.write_text(json.dumps(asdict(figures), indent=2, default=str) + "\n")
