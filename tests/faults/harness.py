@@ -140,8 +140,7 @@ class Postgres:
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.database}"
         self.admin_url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
         user = pwd.getpwnam(PG_USER)
-        for path in (self.sock,):
-            os.chown(path, user.pw_uid, user.pw_gid)
+        os.chown(self.sock, user.pw_uid, user.pw_gid)
         self.data.mkdir(mode=0o700)
         os.chown(self.data, user.pw_uid, user.pw_gid)
         self.log.touch()
