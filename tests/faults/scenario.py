@@ -118,7 +118,7 @@ class InFlight:
 
         def blocked() -> int | None:
             with self.stack.engine.connect() as conn:
-                return conn.execute(  # type: ignore[no-any-return]
+                return conn.execute(
                     text(
                         "SELECT pid FROM pg_stat_activity "
                         "WHERE :mine = ANY(pg_blocking_pids(pid)) LIMIT 1"
