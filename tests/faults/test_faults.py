@@ -195,7 +195,11 @@ class TestRedisFaults:
         figures = run_scenario(stack, "4-redis-restart-with-data", fault, seed=104)
         assert_guarantees(figures, stack)
         assert figures.notes["queued_at_kill"]["waiting"] > 0
-        assert figures.notes["queued_after_restart"] == figures.notes["queued_at_kill"]
+        # Nothing Redis held at the kill is missing after the restart (the ingest may have
+        # queued more in between, and the frozen workers consumed nothing).
+        before, after = figures.notes["queued_at_kill"], figures.notes["queued_after_restart"]
+        assert after["waiting"] >= before["waiting"]
+        assert after["unacked"] >= before["unacked"]
 
     def test_redis_killed_and_restarted_empty_loses_nothing(self, stack: Stack) -> None:
         def fault(ctx: Ctx) -> None:
