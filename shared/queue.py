@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
+from kombu.transport import redis as kombu_redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared.catalog import EVENT_QUEUES, MAINTENANCE_QUEUE, queue_for
 from shared.settings import Settings
@@ -14,8 +18,48 @@ PROCESS_EVENT: Final = "workers.process_event"
 REDRIVE: Final = "workers.redrive"
 
 
+class _QoS(kombu_redis.QoS):
+    def restore_unacked(self, client: object = None) -> None:
+        # After a lost broker connection Celery collects the connection and then closes it;
+        # closing the channel restores its unacknowledged messages, which needs the
+        # connection's address, already gone: kombu raised AttributeError and the whole
+        # worker died ("Unrecoverable error") on every Redis restart. Those messages are
+        # still in Redis' unacked set (Redis redelivers them after the visibility timeout)
+        # and their events are durable in the database (beat re-drives them), so give up
+        # restoring them here and let the worker reconnect.
+        if client is None and self.channel.connection.client is None:
+            self._delivered.clear()
+            return
+        super().restore_unacked(client)  # type: ignore[no-untyped-call]
+
+
+class _Channel(kombu_redis.Channel):
+    QoS = _QoS
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
+        if asynchronous:
+            # The worker's event loop reads BRPOP and pub/sub (remote control) replies on
+            # these connections. redis-py retries a broken one by itself: it reconnected
+            # the pub/sub connection to the new Redis and then waited there, blocking, for a
+            # broadcast - the whole worker hung, never consuming again, never noticing the
+            # restart. Without that retry the error reaches kombu, and the worker
+            # reconnects, declares its queues again and carries on.
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport, with which a worker survives Redis going away or restarting
+    empty (see `_QoS` and `_Channel._connparams`): found by tests/faults."""
+
+    Channel = _Channel
+
+
 def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
     app = Celery(name, broker=settings.redis_url, set_as_current=False)
+    if urlsplit(settings.redis_url).scheme == "redis":
+        app.conf.broker_transport = f"{__name__}:RedisTransport"
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -37,9 +37,25 @@ def sessions() -> sessionmaker[Session]:
     """This process's session factory; a forked pool child never reuses its parent's sockets."""
     global _engine
     if _engine is None or _engine[0] != os.getpid():
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, **engine_options(settings))
         _engine = (os.getpid(), engine, make_sessionmaker(engine))
     return _engine[2]
+
+
+def engine_options(config: Settings) -> dict[str, Any]:
+    """PostgreSQL ends a worker's transaction left idle (its process frozen) before the lease.
+
+    A worker stopped mid-task (SIGSTOP, a paused VM, a hung process) keeps its transaction
+    open and with it the lock on the event's row: the lease runs out, but the re-drive skips
+    locked rows and a new claim would wait on it, so the event stayed `processing` for as
+    long as the process stayed frozen. With this timeout the server drops that session, the
+    locks go, and the lease does its job; if the process wakes up, its connection is gone
+    and the claim fencing (attempt number) makes it stand down.
+    """
+    if not config.database_url.startswith("postgresql"):
+        return {}
+    timeout_ms = max(1000, config.lease_seconds * 1000 // 2)
+    return {"connect_args": {"options": f"-c idle_in_transaction_session_timeout={timeout_ms}"}}
 
 
 @worker_process_init.connect
