@@ -1,25 +1,367 @@
-"""Typed Dodo events: one frozen pydantic model per handled type, validated by the worker."""
+"""Typed Dodo events: one frozen pydantic model per family, validated by the worker."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ValidationError
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Union, get_args
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 
 from shared.envelope import describe_validation_error
 
-# event type -> its model; filled in by the read-model work. A type missing here is ignored.
-SCHEMAS: dict[str, type[BaseModel]] = {}
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: a row that cannot be written would retry forever.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range in UTC") from None
+
+
+def _no_float(value: object) -> object:
+    # A JSON number with a fraction has already lost exactness as a binary float.
+    if isinstance(value, float | bool):
+        raise ValueError("must be a decimal string, not a JSON number")
+    return value
+
+
+# Bounds follow the columns, so a value the database would refuse is rejected here at once
+# (dead, with a reason) instead of failing at write time on every retry.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_no_nul)]
+Code = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_nul)]
+Currency = Annotated[str, StringConstraints(min_length=1, max_length=16), AfterValidator(_no_nul)]
+Text = Annotated[str, AfterValidator(_no_nul)]
+Instant = Annotated[AwareDatetime, AfterValidator(_utc)]
+MinorUnits = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Count = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
+Amount = Annotated[
+    Decimal,
+    BeforeValidator(_no_float),
+    Field(allow_inf_nan=False, max_digits=40, decimal_places=20),
+]
+
+
+def _nul_path(value: object, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in str(key):
+                return f"{path}.<key>"
+            found = _nul_path(item, f"{path}.{key}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+class DodoObject(BaseModel):
+    """Dodo's `data` object: typed fields the handlers use, and the object as delivered.
+
+    `delivered` is stored as it came (JSON), so the read API can answer with all of Dodo's
+    fields, including those added after this code was written.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    _delivered: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_delivered(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, dict):
+            where = _nul_path(value, "data")
+            if where:
+                raise ValueError(f"{where} must not contain NUL characters")
+        model = handler(value)
+        if isinstance(value, dict):
+            model._delivered = dict(value)
+        elif isinstance(model, DodoObject):
+            model._delivered = model.model_dump(mode="json")
+        return model
+
+    @property
+    def delivered(self) -> dict[str, Any]:
+        return self._delivered
+
+
+class CustomerRef(BaseModel):
+    """Dodo's `CustomerLimitedDetails`, reduced to the id we store."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    customer_id: Id
+
+
+class PaymentData(DodoObject):
+    """`dodopayments.types.Payment`."""
+
+    payment_id: Id
+    status: Code | None = None
+    total_amount: MinorUnits
+    currency: Currency
+    customer: CustomerRef | None = None
+    subscription_id: Id | None = None
+    refund_status: Code | None = None
+    created_at: Instant | None = None
+
+    @property
+    def customer_id(self) -> str | None:
+        return self.customer.customer_id if self.customer else None
+
+
+class RefundData(DodoObject):
+    """`dodopayments.types.Refund`."""
+
+    refund_id: Id
+    payment_id: Id
+    status: Code
+    amount: MinorUnits | None = None
+    currency: Currency | None = None
+    customer: CustomerRef | None = None
+    created_at: Instant | None = None
+
+    @property
+    def customer_id(self) -> str | None:
+        return self.customer.customer_id if self.customer else None
+
+
+class DisputeData(DodoObject):
+    """`dodopayments.types.Dispute`; `amount` is a decimal string."""
+
+    dispute_id: Id
+    payment_id: Id
+    dispute_status: Code
+    dispute_stage: Code
+    amount: Amount
+    currency: Currency
+    created_at: Instant | None = None
+
+
+class SubscriptionData(DodoObject):
+    """`dodopayments.types.Subscription` (plus the event's `past_due_ends_at`, `payment_id`)."""
+
+    subscription_id: Id
+    status: Code
+    product_id: Id
+    quantity: Count
+    customer: CustomerRef | None = None
+    next_billing_date: Instant | None = None
+    previous_billing_date: Instant | None = None
+    cancel_at_next_billing_date: StrictBool = False
+    cancelled_at: Instant | None = None
+    created_at: Instant | None = None
+
+    @property
+    def customer_id(self) -> str | None:
+        return self.customer.customer_id if self.customer else None
+
+
+class LicenseKeyData(DodoObject):
+    """`dodopayments.types.LicenseKey`."""
+
+    id: Id
+    key: Id
+    status: Code
+    customer_id: Id
+    product_id: Id
+    expires_at: Instant | None = None
+    payment_id: Id | None = None
+    subscription_id: Id | None = None
+    created_at: Instant | None = None
+
+
+class CreditLedgerEntryData(DodoObject):
+    """`dodopayments.types.credit_entitlements.CreditLedgerEntry`; amounts are decimals."""
+
+    id: Id
+    amount: Amount
+    balance_before: Amount
+    balance_after: Amount
+    overage_before: Amount
+    overage_after: Amount
+    created_at: Instant
+    credit_entitlement_id: Id
+    customer_id: Id
+    is_credit: StrictBool
+    # Dodo adds kinds (auto_top_up, refund, ...): any short code is accepted.
+    transaction_type: Code
+    business_id: Id | None = None
+    brand_id: Id | None = None
+    grant_id: Id | None = None
+    reference_id: Id | None = None
+    reference_type: Text | None = None
+    description: Text | None = None
+
+
+class CreditBalanceLowData(DodoObject):
+    """`credit.balance_low`'s data: an alert on one (customer, entitlement) balance."""
+
+    customer_id: Id
+    credit_entitlement_id: Id
+    subscription_id: Id
+    available_balance: Amount
+    threshold_amount: Amount
+    threshold_percent: Count
+    credit_entitlement_name: Text | None = None
+    subscription_credits_amount: Amount | None = None
+    brand_id: Id | None = None
+
+
+class Envelope(BaseModel):
+    """`{"business_id", "type", "timestamp", "data"}`; `timestamp` is when it occurred."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    business_id: Id
+    timestamp: Instant
+
+
+PaymentType = Literal[
+    "payment.succeeded", "payment.failed", "payment.processing", "payment.cancelled"
+]
+RefundType = Literal["refund.succeeded", "refund.failed"]
+DisputeType = Literal[
+    "dispute.opened",
+    "dispute.expired",
+    "dispute.accepted",
+    "dispute.cancelled",
+    "dispute.challenged",
+    "dispute.won",
+    "dispute.lost",
+]
+SubscriptionType = Literal[
+    "subscription.active",
+    "subscription.updated",
+    "subscription.on_hold",
+    "subscription.renewed",
+    "subscription.plan_changed",
+    "subscription.cancelled",
+    "subscription.failed",
+    "subscription.expired",
+    "subscription.past_due",
+    "subscription.paused",
+    "subscription.unpaused",
+    "subscription.update_payment_method",
+]
+LicenseKeyType = Literal["license_key.created"]
+CreditLedgerType = Literal[
+    "credit.added",
+    "credit.deducted",
+    "credit.expired",
+    "credit.rolled_over",
+    "credit.rollover_forfeited",
+    "credit.overage_charged",
+    "credit.manual_adjustment",
+    "credit.overage_reset",
+]
+
+
+class PaymentEvent(Envelope):
+    type: PaymentType
+    data: PaymentData
+
+
+class RefundEvent(Envelope):
+    type: RefundType
+    data: RefundData
+
+
+class DisputeEvent(Envelope):
+    type: DisputeType
+    data: DisputeData
+
+
+class SubscriptionEvent(Envelope):
+    type: SubscriptionType
+    data: SubscriptionData
+
+
+class LicenseKeyEvent(Envelope):
+    type: LicenseKeyType
+    data: LicenseKeyData
+
+
+class CreditLedgerEvent(Envelope):
+    type: CreditLedgerType
+    data: CreditLedgerEntryData
+
+
+class CreditBalanceLowEvent(Envelope):
+    type: Literal["credit.balance_low"]
+    data: CreditBalanceLowData
+
+
+DodoEvent = Annotated[
+    Union[  # noqa: UP007 - a discriminated union reads best spelled out
+        PaymentEvent,
+        RefundEvent,
+        DisputeEvent,
+        SubscriptionEvent,
+        LicenseKeyEvent,
+        CreditLedgerEvent,
+        CreditBalanceLowEvent,
+    ],
+    Field(discriminator="type"),
+]
+
+_FAMILY_MODELS: tuple[type[Envelope], ...] = (
+    PaymentEvent,
+    RefundEvent,
+    DisputeEvent,
+    SubscriptionEvent,
+    LicenseKeyEvent,
+    CreditLedgerEvent,
+    CreditBalanceLowEvent,
+)
+
+
+def _types_of(model: type[Envelope]) -> tuple[str, ...]:
+    return tuple(get_args(model.model_fields["type"].annotation))
+
+
+# event type -> its envelope model. A type missing here is stored and `ignored`.
+SCHEMAS: dict[str, type[Envelope]] = {
+    event_type: model for model in _FAMILY_MODELS for event_type in _types_of(model)
+}
 
 
 class EventValidationError(ValueError):
     """The payload of a handled type does not validate: the event is dead at once."""
 
 
-def parse_event(event_type: str, body: bytes) -> BaseModel | None:
+def parse_event(event_type: str, body: bytes) -> Envelope | None:
     """The typed event, or None when no model is known for this type (it is ignored)."""
     model = SCHEMAS.get(event_type)
     if model is None:
         return None
     try:
-        return model.model_validate_json(body)
+        event = model.model_validate_json(body)
     except ValidationError as exc:
         raise EventValidationError(describe_validation_error(exc)) from None
+    return event
