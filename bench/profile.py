@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_duration=0,
         events=args.events,
         workers=[1],
+        e2e_reps=1,
         out=args.out,
         as_json=False,
     )

@@ -67,6 +67,7 @@ class Config:
     rate_duration: float
     events: int
     workers: list[int]
+    e2e_reps: int
     out: Path
     as_json: bool
     keep_logs: bool = False
@@ -431,7 +432,7 @@ def drain(
     name = f"{kind}-{workers}w-{svc.serial}"
     with stack.celery_worker(app, workers, svc.env(), svc.log_dir, name) as proc:
         started = time.monotonic()
-        deadline = started + max(180.0, n / 20)
+        deadline = started + max(300.0, n / 5)
         finished = None
         while time.monotonic() < deadline:
             if done():
@@ -471,7 +472,7 @@ def e2e_phase(cfg: Config, svc: Services) -> dict[str, Any]:
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {
         w: {"product": [], "floor": []} for w in cfg.workers
     }
-    for rep in range(cfg.reps):
+    for rep in range(cfg.e2e_reps):
         for w in cfg.workers:
             order = ["floor", "product"] if rep % 2 == 0 else ["product", "floor"]
             for kind in order:
@@ -487,7 +488,7 @@ def e2e_phase(cfg: Config, svc: Services) -> dict[str, Any]:
                 runs[w][kind].append(result)
                 progress(
                     cfg,
-                    f"end to end rep {rep + 1}/{cfg.reps} {w} worker(s) {kind:<7} "
+                    f"end to end rep {rep + 1}/{cfg.e2e_reps} {w} worker(s) {kind:<7} "
                     f"{result['events_per_s']:8.1f} events/s "
                     f"({cfg.events} in {result['seconds']} s)"
                     + (f" {result['statuses']}" if kind == "product" else ""),
@@ -560,7 +561,8 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     m, ing, e2e = results["machine"], results["ingest"], results["e2e"]
     lines = [
-        f"dodo-webhooks benchmark ({results['mode']}, {results['settings']['reps']} reps; "
+        f"dodo-webhooks benchmark ({results['mode']}, {results['settings']['reps']} reps, "
+        f"{results['settings']['e2e_reps']} end to end; "
         "median [min-max])",
         f"machine: {m['nproc']} cpu, {m['cpu_model']}, {m['memory_mib']} MiB; load "
         f"{m['loadavg_at_start']} -> {m['loadavg_at_end']}",
@@ -644,6 +646,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--rate-duration", type=float, help="seconds per fixed-rate run")
     parser.add_argument("--events", type=int, help="events per end-to-end run")
     parser.add_argument("--workers", help="celery -c values, comma-separated")
+    parser.add_argument("--e2e-reps", type=int, help="repetitions end to end (default: --reps)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--keep-logs", action="store_true", help="keep the process logs")
     args = parser.parse_args(argv)
@@ -662,6 +665,7 @@ def parse_args(argv: list[str] | None) -> Config:
         rate_duration=args.rate_duration or (2.0 if quick else 10.0),
         events=args.events or (500 if quick else 10_000),
         workers=ints(args.workers, [2] if quick else [1, 2, 4]),
+        e2e_reps=args.e2e_reps or args.reps or (1 if quick else 3),
         out=args.out,
         as_json=args.json,
         keep_logs=args.keep_logs,
@@ -739,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
 def settings_record(cfg: Config) -> dict[str, Any]:
     return {
         "reps": cfg.reps,
+        "e2e_reps": cfg.e2e_reps,
         "duration_s": cfg.duration,
         "connections": cfg.connections,
         "wrk_threads": cfg.threads,
