@@ -88,15 +88,19 @@ def attribute(raw: str, steps: list[Rule]) -> dict[str, float]:
     return {k: round(100 * v / total, 1) for k, v in counts.most_common()} | {"samples": total}
 
 
-def py_spy(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+def py_spy(pid: int, seconds: int, out: Path, *, wall: bool) -> subprocess.Popen[bytes]:
     binary = shutil.which("py-spy") or str(stack.VENV_BIN / "py-spy")
     argv = [binary, "record", "-p", str(pid), "-d", str(seconds), "-r", "200"]
-    # --idle: a sync worker's wall time is what bounds its rate, waits on PostgreSQL included.
-    argv += ["-f", "raw", "-o", str(out), "--nonblocking", "--idle"]
+    argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
+    if wall:
+        # A sync worker's wall time is what bounds its rate, waits on PostgreSQL included.
+        argv.append("--idle")
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def profile_ingest(cfg: Config, svc: Services, seconds: int, out: Path) -> dict[str, float]:
+def profile_ingest(
+    cfg: Config, svc: Services, seconds: int, out: Path, *, wall: bool
+) -> dict[str, float]:
     with stack.gunicorn("ingest:create_app()", svc.env(), svc.log_dir, "ingest") as proc:
         port = proc.port  # type: ignore[attr-defined]
         prefix = svc.work_dir / "profile"
@@ -110,7 +114,7 @@ def profile_ingest(cfg: Config, svc: Services, seconds: int, out: Path) -> dict[
             text=True,
         )
         time.sleep(2)
-        spy = py_spy(stack.children(proc.pid)[0], seconds, out)
+        spy = py_spy(stack.children(proc.pid)[0], seconds, out, wall=wall)
         spy.wait(timeout=seconds + 60)
         wrk_out, _ = wrk.communicate(timeout=seconds + 60)
     line = next((x for x in wrk_out.splitlines() if x.startswith("WRK_JSON ")), "{}")
@@ -123,14 +127,14 @@ def profile_ingest(cfg: Config, svc: Services, seconds: int, out: Path) -> dict[
 
 
 def profile_worker(
-    cfg: Config, svc: Services, seconds: int, events: int, out: Path
+    cfg: Config, svc: Services, seconds: int, events: int, out: Path, *, wall: bool
 ) -> dict[str, float]:
     svc.reset()
     record_and_queue(svc, list(signed_deliveries(events, svc.secret, run="w")))
     with stack.celery_worker("workers", 1, svc.env(), svc.log_dir, "profiled") as proc:
         time.sleep(1)
         child = stack.children(proc.pid)[0]
-        spy = py_spy(child, seconds, out)
+        spy = py_spy(child, seconds, out, wall=wall)
         done = product_done(svc, events)
         finished = threading.Event()
 
@@ -150,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--wall",
+        action="store_true",
+        help="sample waiting threads too (wall clock); default: running samples only (CPU)",
+    )
     args = parser.parse_args(argv)
     cfg = Config(
         mode="profile",
@@ -175,12 +184,19 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"profiling an ingest worker for {args.seconds}s under wrk -c 16", file=sys.stderr
             )
-            ingest = profile_ingest(cfg, svc, args.seconds, ingest_raw)
+            ingest = profile_ingest(cfg, svc, args.seconds, ingest_raw, wall=args.wall)
             print(f"profiling a celery pool child for {args.seconds}s", file=sys.stderr)
-            worker = profile_worker(cfg, svc, args.seconds, args.events, worker_raw)
-    summary = {"ingest_worker_percent": ingest, "celery_pool_child_percent": worker}
+            worker = profile_worker(cfg, svc, args.seconds, args.events, worker_raw, wall=args.wall)
+    summary = {
+        "clock": "wall" if args.wall else "cpu",
+        "ingest_worker_percent": ingest,
+        "celery_pool_child_percent": worker,
+    }
     (args.out / f"profile-{stamp}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"share of {summary['clock']} samples")
     for title, shares in summary.items():
+        if not isinstance(shares, dict):
+            continue
         print(title)
         for label, share in shares.items():
             print(f"  {share:>8}  {label}")

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,7 @@ class Config:
     e2e_reps: int
     out: Path
     as_json: bool
+    gunicorn_workers: int = stack.GUNICORN_WORKERS
     keep_logs: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -231,6 +233,22 @@ def run_loadgen(cfg: Config, svc: Services, port: int, rate: int) -> dict[str, A
     return result
 
 
+def settle(port: int, timeout: float = 120.0) -> None:
+    """Wait until the server has worked off what an overloaded run left in its backlog."""
+    deadline = time.monotonic() + timeout
+    fast = 0
+    while fast < 3 and time.monotonic() < deadline:
+        began = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                sock.recv(64)
+        except OSError:
+            pass
+        fast = fast + 1 if time.monotonic() - began < 0.05 else 0
+        time.sleep(0.1)
+
+
 def worker_peaks(gunicorn: stack.Process) -> dict[str, Any]:
     workers = stack.children(gunicorn.pid)
     peaks = [p for p in (stack.peak_rss_kib(pid) for pid in workers) if p is not None]
@@ -248,7 +266,9 @@ def ingest_phase(cfg: Config, svc: Services) -> dict[str, Any]:
     best_seen = {name: 0.0 for name in apps}
     with ExitStack() as stack_:
         procs = {
-            name: stack_.enter_context(stack.gunicorn(app, svc.env(), svc.log_dir, name))
+            name: stack_.enter_context(
+                stack.gunicorn(app, svc.env(), svc.log_dir, name, cfg.gunicorn_workers)
+            )
             for name, app in apps.items()
         }
         ports = {name: proc.port for name, proc in procs.items()}  # type: ignore[attr-defined]
@@ -282,6 +302,7 @@ def ingest_phase(cfg: Config, svc: Services) -> dict[str, Any]:
                     svc.reset()
                     result = run_loadgen(cfg, svc, ports[name], rate)
                     fixed[rate][name].append(result)
+                    settle(ports[name])
                     lat = result["latency_ms"]
                     progress(
                         cfg,
@@ -328,6 +349,11 @@ def summarize_ingest(
                 "achieved_per_s": spread([r["achieved_rate"] for r in runs[name]]),
                 "non_202": sum(
                     r["completed"] - r["statuses"].get("202", 0) + r["errors"] for r in runs[name]
+                ),
+                "unanswered": sum(r.get("unfinished", 0) + r["shed"] for r in runs[name]),
+                # Offered more than it can take: the latencies are those of a growing queue.
+                "overloaded": any(
+                    r["achieved_rate"] < 0.95 * r["offered_rate"] for r in runs[name]
                 ),
                 "generator_max_lag_ms": spread([r["generator_max_lag_ms"] for r in runs[name]]),
             }
@@ -588,6 +614,7 @@ def table(results: dict[str, Any]) -> str:
             f"  {rate:>6}  {fmt(row['ingest']['p50_ms'], 1):>18}  "
             f"{fmt(row['ingest']['p99_ms'], 1):>20}  {fmt(row['floor']['p50_ms'], 1):>18}  "
             f"{fmt(row['floor']['p99_ms'], 1):>20}"
+            + ("  (ingest overloaded)" if row["ingest"]["overloaded"] else "")
         )
     lines += [
         "",
@@ -647,6 +674,12 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--events", type=int, help="events per end-to-end run")
     parser.add_argument("--workers", help="celery -c values, comma-separated")
     parser.add_argument("--e2e-reps", type=int, help="repetitions end to end (default: --reps)")
+    parser.add_argument(
+        "--gunicorn-workers",
+        type=int,
+        default=stack.GUNICORN_WORKERS,
+        help="gunicorn -w for both the ingest and its floor (default 2: one per core here)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--keep-logs", action="store_true", help="keep the process logs")
     args = parser.parse_args(argv)
@@ -666,6 +699,7 @@ def parse_args(argv: list[str] | None) -> Config:
         events=args.events or (500 if quick else 10_000),
         workers=ints(args.workers, [2] if quick else [1, 2, 4]),
         e2e_reps=args.e2e_reps or args.reps or (1 if quick else 3),
+        gunicorn_workers=args.gunicorn_workers,
         out=args.out,
         as_json=args.json,
         keep_logs=args.keep_logs,
@@ -751,7 +785,7 @@ def settings_record(cfg: Config) -> dict[str, Any]:
         "rate_duration_s": cfg.rate_duration,
         "events": cfg.events,
         "worker_counts": cfg.workers,
-        "gunicorn_flags": stack.GUNICORN_FLAGS,
+        "gunicorn_flags": ["-w", str(cfg.gunicorn_workers), *stack.GUNICORN_FLAGS],
         "gunicorn_conf_py_present": (stack.ROOT / "gunicorn.conf.py").exists(),
         "celery_flags": ["-P", "prefork", *stack.CELERY_FLAGS],
         "log_level": "INFO",

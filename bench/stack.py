@@ -27,15 +27,8 @@ PG_ADMIN_URL = os.environ.get(
 
 # The production shape on this 2-core box; passed explicitly so a gunicorn.conf.py default
 # (2 x cores + 1) cannot change what is measured. Recorded in the results.
-GUNICORN_FLAGS = [
-    "-w",
-    "2",
-    "-k",
-    "sync",
-    "--worker-tmp-dir",
-    "/dev/shm",
-    "--no-control-socket",
-]
+GUNICORN_FLAGS = ["-k", "sync", "--worker-tmp-dir", "/dev/shm", "--no-control-socket"]
+GUNICORN_WORKERS = 2
 CELERY_FLAGS = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
 
 
@@ -153,10 +146,13 @@ def redis_server(log_dir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def gunicorn(app: str, env: Mapping[str, str], log_dir: Path, name: str) -> Iterator[Process]:
-    """`gunicorn <app>` with GUNICORN_FLAGS, on a free port (`proc.port`)."""
+def gunicorn(
+    app: str, env: Mapping[str, str], log_dir: Path, name: str, workers: int = GUNICORN_WORKERS
+) -> Iterator[Process]:
+    """`gunicorn <app> -w N` with GUNICORN_FLAGS, on a free port (`proc.port`)."""
     port = free_port()
-    argv = [str(VENV_BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", *GUNICORN_FLAGS, app]
+    argv = [str(VENV_BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", str(workers)]
+    argv += [*GUNICORN_FLAGS, app]
     proc = Process(f"gunicorn-{name}", argv, env, log_dir)
     proc.port = port  # type: ignore[attr-defined]
     try:
@@ -171,7 +167,9 @@ def gunicorn(app: str, env: Mapping[str, str], log_dir: Path, name: str) -> Iter
                 lambda: proc.proc.poll() is None and up(), timeout=60, what=f"gunicorn {name}"
             )
             wait_until(
-                lambda: len(children(proc.pid)) >= 2, timeout=30, what=f"gunicorn {name} workers"
+                lambda: len(children(proc.pid)) >= workers,
+                timeout=30,
+                what=f"gunicorn {name} workers",
             )
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- {proc.log_path}:\n{proc.output()[-3000:]}") from None
