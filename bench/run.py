@@ -192,14 +192,19 @@ class Services:
             return int(conn.execute(select(func.count()).select_from(WebhookEvent)).scalar_one())
 
 
-def run_wrk(cfg: Config, svc: Services, port: int, connections: int, unique: int) -> dict[str, Any]:
+def run_wrk(
+    cfg: Config, svc: Services, port: int, server_pid: int, connections: int, unique: int
+) -> dict[str, Any]:
     prefix = svc.work_dir / f"wrk-{svc.serial}"
     write_requests(
         prefix, unique, svc.secret, host=f"127.0.0.1:{port}", run=svc.run_id(), parts=cfg.threads
     )
     argv = ["wrk", "-t", str(cfg.threads), "-c", str(connections), "-d", f"{int(cfg.duration)}s"]
     argv += ["--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(prefix)]
+    workers = stack.children(server_pid)
+    cpu_before = stack.cpu_seconds(workers)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=cfg.duration + 120)
+    cpu_used = stack.cpu_seconds(workers) - cpu_before
     for k in range(cfg.threads):
         Path(f"{prefix}.{k}").unlink(missing_ok=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
@@ -209,6 +214,8 @@ def run_wrk(cfg: Config, svc: Services, port: int, connections: int, unique: int
     seconds = result["duration_us"] / 1e6
     result["acked_per_s"] = result["acked"] / seconds
     result["requests_per_s"] = result["requests"] / seconds
+    # CPU of the gunicorn workers per answered request: steadier than a rate on a shared box.
+    result["worker_cpu_ms_per_request"] = 1000 * cpu_used / max(result["requests"], 1)
     return result
 
 
@@ -276,14 +283,14 @@ def ingest_phase(cfg: Config, svc: Services) -> dict[str, Any]:
         for name in apps if cfg.mode == "full" else ():
             # Warm-up, not recorded: imports, pools and connections settle.
             svc.reset()
-            run_wrk(cfg, svc, ports[name], cfg.connections[0], 2000)
+            run_wrk(cfg, svc, ports[name], procs[name].pid, cfg.connections[0], 2000)
         for rep in range(cfg.reps):
             order = list(apps) if rep % 2 == 0 else list(reversed(apps))
             for c in cfg.connections:
                 for name in order:
                     svc.reset()
                     unique = int(cfg.duration * max(4000, 2 * best_seen[name]))
-                    result = run_wrk(cfg, svc, ports[name], c, unique)
+                    result = run_wrk(cfg, svc, ports[name], procs[name].pid, c, unique)
                     if name == "ingest":
                         result["recorded"] = svc.recorded()
                     best_seen[name] = max(best_seen[name], result["acked_per_s"])
@@ -328,6 +335,18 @@ def summarize_ingest(
             "ingest_acked_per_s": spread(ingest),
             "floor_acked_per_s": spread(floor),
             "ratio": spread(ratios(ingest, floor)),
+            "ingest_cpu_ms_per_request": spread(
+                [r["worker_cpu_ms_per_request"] for r in runs["ingest"]]
+            ),
+            "floor_cpu_ms_per_request": spread(
+                [r["worker_cpu_ms_per_request"] for r in runs["floor"]]
+            ),
+            "cpu_ratio": spread(
+                ratios(
+                    [r["worker_cpu_ms_per_request"] for r in runs["ingest"]],
+                    [r["worker_cpu_ms_per_request"] for r in runs["floor"]],
+                )
+            ),
             "ingest_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["ingest"]]),
             "floor_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["floor"]]),
             "ingest_non_202": sum(r["requests"] - r["acked"] for r in runs["ingest"]),
@@ -458,6 +477,8 @@ def drain(
     name = f"{kind}-{workers}w-{svc.serial}"
     with stack.celery_worker(app, workers, svc.env(), svc.log_dir, name) as proc:
         started = time.monotonic()
+        processes = [proc.pid, *stack.children(proc.pid)]
+        cpu_before = stack.cpu_seconds(processes)
         deadline = started + max(300.0, n / 5)
         finished = None
         while time.monotonic() < deadline:
@@ -465,6 +486,7 @@ def drain(
                 finished = time.monotonic()
                 break
             time.sleep(0.1)
+        cpu_used = stack.cpu_seconds(processes) - cpu_before
         pool = stack.children(proc.pid)
         rss = {
             "main_kib": stack.peak_rss_kib(proc.pid),
@@ -476,6 +498,8 @@ def drain(
         "complete": finished is not None,
         "seconds": round(elapsed, 3),
         "events_per_s": n / elapsed if finished else float("nan"),
+        # Celery main process and pool children; the database's own CPU is not in it.
+        "worker_cpu_ms_per_event": 1000 * cpu_used / n,
         "peak_rss": rss,
     }
 
@@ -527,6 +551,12 @@ def e2e_phase(cfg: Config, svc: Services) -> dict[str, Any]:
             "product_events_per_s": spread(product),
             "floor_events_per_s": spread(floor),
             "ratio": spread(ratios(product, floor)),
+            "product_cpu_ms_per_event": spread(
+                [r["worker_cpu_ms_per_event"] for r in by_kind["product"]]
+            ),
+            "floor_cpu_ms_per_event": spread(
+                [r["worker_cpu_ms_per_event"] for r in by_kind["floor"]]
+            ),
             "all_complete": all(r["complete"] for r in by_kind["product"] + by_kind["floor"]),
             "peak_rss": {
                 "product_main_kib": max(r["peak_rss"]["main_kib"] or 0 for r in by_kind["product"]),
@@ -605,6 +635,16 @@ def table(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "Ingest CPU per request (gunicorn workers, ms)",
+        f"  {'conns':>5}  {'ingest':>22}  {'floor':>22}  {'ingest/floor':>18}",
+    ]
+    for c, row in ing["saturation"].items():
+        lines.append(
+            f"  {c:>5}  {fmt(row['ingest_cpu_ms_per_request'], 2):>22}  "
+            f"{fmt(row['floor_cpu_ms_per_request'], 2):>22}  {fmt(row['cpu_ratio'], 1):>18}"
+        )
+    lines += [
+        "",
         "Ingest latency at fixed offered rates (open loop, ms from scheduled send)",
         f"  {'rate/s':>6}  {'ingest p50':>18}  {'ingest p99':>20}  {'floor p50':>18}  "
         f"{'floor p99':>20}",
@@ -628,6 +668,14 @@ def table(results: dict[str, Any]) -> str:
             f"{fmt(row['floor_events_per_s']):>22}  {fmt(row['ratio'], 2):>18}"
             + ("" if row["all_complete"] else "  (INCOMPLETE)")
         )
+    lines.append(
+        "  CPU per event (celery main + pool, ms): "
+        + ", ".join(
+            f"{w}w {fmt(row['product_cpu_ms_per_event'], 2)} vs floor "
+            f"{fmt(row['floor_cpu_ms_per_event'], 2)}"
+            for w, row in e2e.items()
+        )
+    )
     rss = results["peak_rss_mib"]
     lines += [
         "",
