@@ -1,8 +1,9 @@
 # Everyday commands; `make help` lists them.
 PY ?= .venv/bin/python
 VENV_BIN := .venv/bin
+BENCH_ARGS ?=
 
-.PHONY: help venv dev test test-fast lint bench up faults
+.PHONY: help venv dev test test-fast lint bench bench-quick profile up faults
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,8 +23,14 @@ test-fast: ## the suite without the slow end-to-end and fault-injection tests
 lint: ## ruff, formatting, mypy --strict
 	$(VENV_BIN)/ruff check . && $(VENV_BIN)/ruff format --check . && $(VENV_BIN)/mypy shared ingest workers
 
-bench: ## the benchmark (ingest and end to end, against floors measured in the same run)
-	$(PY) -m bench
+bench: ## benchmark ingest and pipeline against same-run floors (~25 min; BENCH_ARGS=--quick)
+	PYTHONPATH=. $(PY) -m bench.run $(BENCH_ARGS)
+
+bench-quick: ## a one-minute smoke run of the benchmark (1 rep, small N)
+	PYTHONPATH=. $(PY) -m bench.run --quick $(BENCH_ARGS)
+
+profile: ## py-spy profile of an ingest worker and a celery pool child under load
+	PYTHONPATH=. $(PY) -m bench.profile $(BENCH_ARGS)
 
 faults: ## the full-size fault-injection suite (2,000 events per scenario)
 	FAULT_EVENTS=2000 $(VENV_BIN)/pytest tests/faults -s

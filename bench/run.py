@@ -1,0 +1,851 @@
+"""`make bench`: the ingest and the pipeline, each against a floor measured in the same run.
+
+    python -m bench.run [--quick] [--json] [--reps N] [--out DIR] ...
+
+Ingest: wrk replays pre-signed unique deliveries against `gunicorn "ingest:create_app()"`
+and against bench/floor_app.py (verify + LPUSH) under the same gunicorn flags; then an
+open-loop generator (bench/loadgen.py) offers fixed rates to both for p50/p99 latency.
+End to end: N mixed events recorded in the database and queued with the product's own
+`enqueue`, drained by `celery -A workers worker -c W`; the floor is a no-op task
+(bench/floor_celery.py) on the same settings and queues, drained by the same W.
+Every figure is a median over --reps runs with its min and max; ratios pair the runs of
+one repetition. Progress goes to stderr; the table (or --json) to stdout; the results to
+bench/results/<timestamp>.json and bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, func, select, text
+
+from bench import stack
+from bench.deliveries import Delivery, new_secret, signed_deliveries, write_requests
+from bench.floor_celery import NOOP, make_floor_celery
+from shared.catalog import queue_for
+from shared.db import insert_for, make_engine, utcnow
+from shared.models import Base, EventStatus, WebhookEvent
+from shared.queue import PROCESS_EVENT, make_celery
+from shared.settings import load_settings
+
+RESULTS = stack.ROOT / "bench" / "results"
+LUA = stack.ROOT / "bench" / "replay.lua"
+TARGETS = {
+    "ingest_acked_per_s": 1500.0,
+    "ingest_ratio_to_floor": 0.5,
+    "p99_ms_at_500_per_s": 25.0,
+    "e2e_ratio_to_floor_2_workers": 0.6,
+}
+FINAL = (EventStatus.PROCESSED, EventStatus.IGNORED, EventStatus.DEAD)
+
+
+@dataclass
+class Config:
+    mode: str
+    reps: int
+    duration: int
+    connections: list[int]
+    threads: int
+    rates: list[int]
+    rate_duration: float
+    events: int
+    workers: list[int]
+    e2e_reps: int
+    out: Path
+    as_json: bool
+    gunicorn_workers: int = stack.GUNICORN_WORKERS
+    keep_logs: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+def progress(cfg: Config, message: str) -> None:
+    print(f"[bench {time.monotonic() - cfg.started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int]:
+    clean = [v for v in values if v == v]  # drop NaN
+    if not clean:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {
+        "median": round(statistics.median(clean), 3),
+        "min": round(min(clean), 3),
+        "max": round(max(clean), 3),
+        "n": len(clean),
+    }
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    return [n / d if d else float("nan") for n, d in zip(numerators, denominators, strict=True)]
+
+
+# --- facts -------------------------------------------------------------------------------
+
+
+def command_output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    return (
+        (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr) else ""
+    )
+
+
+def machine_facts() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line),
+        platform.processor() or "unknown",
+    )
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal:")))
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "memory_mib": mem_kib // 1024,
+        "kernel": platform.release(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def versions(db_url: str) -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in (
+        "flask",
+        "gunicorn",
+        "celery",
+        "kombu",
+        "redis",
+        "sqlalchemy",
+        "psycopg",
+        "standardwebhooks",
+        "pydantic",
+    ):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "absent"
+    found["redis-server"] = command_output(["redis-server", "--version"])
+    found["wrk"] = command_output(["wrk", "--version"])
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        found["postgresql"] = str(conn.execute(text("SHOW server_version")).scalar())
+    engine.dispose()
+    found["git_commit"] = command_output(["git", "-C", str(stack.ROOT), "rev-parse", "HEAD"])
+    return found
+
+
+# --- ingest ------------------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    db_url: str
+    redis_url: str
+    secret: str
+    engine: Engine
+    redis: redis.Redis
+    log_dir: Path
+    work_dir: Path
+    serial: int = 0
+
+    def env(self) -> dict[str, str]:
+        return {
+            "DATABASE_URL": self.db_url,
+            "REDIS_URL": self.redis_url,
+            "DODO_PAYMENTS_WEBHOOK_KEY": self.secret,
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def run_id(self) -> str:
+        self.serial += 1
+        return f"b{os.getpid()}x{self.serial}"
+
+    def reset(self) -> None:
+        """Empty tables and queues, so every run starts from the same state."""
+        names = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        with self.engine.begin() as conn:
+            conn.execute(text(f"TRUNCATE {names}"))
+        self.redis.flushdb()
+
+    def recorded(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(WebhookEvent)).scalar_one())
+
+
+def run_wrk(
+    cfg: Config, svc: Services, port: int, server_pid: int, connections: int, unique: int
+) -> dict[str, Any]:
+    prefix = svc.work_dir / f"wrk-{svc.serial}"
+    write_requests(
+        prefix, unique, svc.secret, host=f"127.0.0.1:{port}", run=svc.run_id(), parts=cfg.threads
+    )
+    argv = ["wrk", "-t", str(cfg.threads), "-c", str(connections), "-d", f"{int(cfg.duration)}s"]
+    argv += ["--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(prefix)]
+    workers = stack.children(server_pid)
+    cpu_before = stack.cpu_seconds(workers)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=cfg.duration + 120)
+    cpu_used = stack.cpu_seconds(workers) - cpu_before
+    for k in range(cfg.threads):
+        Path(f"{prefix}.{k}").unlink(missing_ok=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{done.stdout}\n{done.stderr}")
+    result: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
+    seconds = result["duration_us"] / 1e6
+    result["acked_per_s"] = result["acked"] / seconds
+    result["requests_per_s"] = result["requests"] / seconds
+    # CPU of the gunicorn workers per answered request: steadier than a rate on a shared box.
+    result["worker_cpu_ms_per_request"] = 1000 * cpu_used / max(result["requests"], 1)
+    return result
+
+
+def run_loadgen(cfg: Config, svc: Services, port: int, rate: int) -> dict[str, Any]:
+    prefix = svc.work_dir / f"fixed-{svc.serial}"
+    n = int(rate * cfg.rate_duration) + 1
+    write_requests(prefix, n, svc.secret, host=f"127.0.0.1:{port}", run=svc.run_id(), parts=1)
+    argv = [sys.executable, "-m", "bench.loadgen", "--requests", str(prefix)]
+    argv += ["--port", str(port), "--rate", str(rate), "--duration", str(cfg.rate_duration)]
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=cfg.rate_duration + 120,
+        cwd=stack.ROOT,
+        env={**os.environ, "PYTHONPATH": str(stack.ROOT)},
+    )
+    Path(f"{prefix}.0").unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed:\n{done.stdout}\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def settle(port: int, timeout: float = 120.0) -> None:
+    """Wait until the server has worked off what an overloaded run left in its backlog."""
+    deadline = time.monotonic() + timeout
+    fast = 0
+    while fast < 3 and time.monotonic() < deadline:
+        began = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                sock.recv(64)
+        except OSError:
+            pass
+        fast = fast + 1 if time.monotonic() - began < 0.05 else 0
+        time.sleep(0.1)
+
+
+def worker_peaks(gunicorn: stack.Process) -> dict[str, Any]:
+    workers = stack.children(gunicorn.pid)
+    peaks = [p for p in (stack.peak_rss_kib(pid) for pid in workers) if p is not None]
+    return {"master_kib": stack.peak_rss_kib(gunicorn.pid), "workers_kib": peaks}
+
+
+def ingest_phase(cfg: Config, svc: Services) -> dict[str, Any]:
+    apps = {"floor": "bench.floor_app:create_app()", "ingest": "ingest:create_app()"}
+    sat: dict[int, dict[str, list[dict[str, Any]]]] = {
+        c: {name: [] for name in apps} for c in cfg.connections
+    }
+    fixed: dict[int, dict[str, list[dict[str, Any]]]] = {
+        r: {name: [] for name in apps} for r in cfg.rates
+    }
+    best_seen = {name: 0.0 for name in apps}
+    with ExitStack() as stack_:
+        procs = {
+            name: stack_.enter_context(
+                stack.gunicorn(app, svc.env(), svc.log_dir, name, cfg.gunicorn_workers)
+            )
+            for name, app in apps.items()
+        }
+        ports = {name: proc.port for name, proc in procs.items()}  # type: ignore[attr-defined]
+        progress(cfg, f"gunicorn up: {' '.join(f'{n}=:{p}' for n, p in ports.items())}")
+        for name in apps if cfg.mode == "full" else ():
+            # Warm-up, not recorded: imports, pools and connections settle.
+            svc.reset()
+            run_wrk(cfg, svc, ports[name], procs[name].pid, cfg.connections[0], 2000)
+        for rep in range(cfg.reps):
+            order = list(apps) if rep % 2 == 0 else list(reversed(apps))
+            for c in cfg.connections:
+                for name in order:
+                    svc.reset()
+                    unique = int(cfg.duration * max(4000, 2 * best_seen[name]))
+                    result = run_wrk(cfg, svc, ports[name], procs[name].pid, c, unique)
+                    if name == "ingest":
+                        result["recorded"] = svc.recorded()
+                    best_seen[name] = max(best_seen[name], result["acked_per_s"])
+                    sat[c][name].append(result)
+                    progress(
+                        cfg,
+                        f"saturation rep {rep + 1}/{cfg.reps} -c {c:<3} {name:<6} "
+                        f"{result['acked_per_s']:8.1f} acked/s  "
+                        f"(non-202: {result['requests'] - result['acked']}, "
+                        f"socket errors: {sum(result['errors'].values())})",
+                    )
+        for rep in range(cfg.reps):
+            order = list(apps) if rep % 2 == 0 else list(reversed(apps))
+            for rate in cfg.rates:
+                for name in order:
+                    svc.reset()
+                    result = run_loadgen(cfg, svc, ports[name], rate)
+                    fixed[rate][name].append(result)
+                    settle(ports[name])
+                    lat = result["latency_ms"]
+                    progress(
+                        cfg,
+                        f"fixed rate rep {rep + 1}/{cfg.reps} {rate:>5}/s {name:<6} "
+                        f"p50 {lat['p50']:7.2f} ms  p99 {lat['p99']:8.2f} ms  "
+                        f"achieved {result['achieved_rate']:.0f}/s",
+                    )
+        rss = {name: worker_peaks(proc) for name, proc in procs.items()}
+    return summarize_ingest(cfg, sat, fixed, rss)
+
+
+def summarize_ingest(
+    cfg: Config,
+    sat: dict[int, dict[str, list[dict[str, Any]]]],
+    fixed: dict[int, dict[str, list[dict[str, Any]]]],
+    rss: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    saturation: dict[str, Any] = {}
+    for c, runs in sat.items():
+        ingest = [r["acked_per_s"] for r in runs["ingest"]]
+        floor = [r["acked_per_s"] for r in runs["floor"]]
+        saturation[str(c)] = {
+            "ingest_acked_per_s": spread(ingest),
+            "floor_acked_per_s": spread(floor),
+            "ratio": spread(ratios(ingest, floor)),
+            "ingest_cpu_ms_per_request": spread(
+                [r["worker_cpu_ms_per_request"] for r in runs["ingest"]]
+            ),
+            "floor_cpu_ms_per_request": spread(
+                [r["worker_cpu_ms_per_request"] for r in runs["floor"]]
+            ),
+            "cpu_ratio": spread(
+                ratios(
+                    [r["worker_cpu_ms_per_request"] for r in runs["ingest"]],
+                    [r["worker_cpu_ms_per_request"] for r in runs["floor"]],
+                )
+            ),
+            "ingest_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["ingest"]]),
+            "floor_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["floor"]]),
+            "ingest_non_202": sum(r["requests"] - r["acked"] for r in runs["ingest"]),
+            "floor_non_202": sum(r["requests"] - r["acked"] for r in runs["floor"]),
+            "ingest_recorded_equals_acked": all(
+                r["recorded"] >= r["acked"] for r in runs["ingest"]
+            ),
+            "runs": runs,
+        }
+    best_c = max(sat, key=lambda c: saturation[str(c)]["ingest_acked_per_s"]["median"])
+    fixed_out: dict[str, Any] = {}
+    for rate, runs in fixed.items():
+        entry: dict[str, Any] = {}
+        for name in ("ingest", "floor"):
+            entry[name] = {
+                "p50_ms": spread([r["latency_ms"]["p50"] for r in runs[name]]),
+                "p99_ms": spread([r["latency_ms"]["p99"] for r in runs[name]]),
+                "max_ms": spread([r["latency_ms"]["max"] for r in runs[name]]),
+                "achieved_per_s": spread([r["achieved_rate"] for r in runs[name]]),
+                "non_202": sum(
+                    r["completed"] - r["statuses"].get("202", 0) + r["errors"] for r in runs[name]
+                ),
+                "unanswered": sum(r.get("unfinished", 0) + r["shed"] for r in runs[name]),
+                # Offered more than it can take: the latencies are those of a growing queue.
+                "overloaded": any(
+                    r["achieved_rate"] < 0.95 * r["offered_rate"] for r in runs[name]
+                ),
+                "generator_max_lag_ms": spread([r["generator_max_lag_ms"] for r in runs[name]]),
+            }
+        entry["p99_ratio_ingest_to_floor"] = spread(
+            ratios(
+                [r["latency_ms"]["p99"] for r in runs["ingest"]],
+                [r["latency_ms"]["p99"] for r in runs["floor"]],
+            )
+        )
+        entry["runs"] = runs
+        fixed_out[str(rate)] = entry
+    best = saturation[str(best_c)]
+    return {
+        "saturation": saturation,
+        "best": {
+            "connections": best_c,
+            "ingest_acked_per_s": best["ingest_acked_per_s"],
+            "floor_acked_per_s": best["floor_acked_per_s"],
+            "ratio": best["ratio"],
+        },
+        "fixed_rate": fixed_out,
+        "peak_rss": rss,
+    }
+
+
+# --- end to end --------------------------------------------------------------------------
+
+
+def record_and_queue(svc: Services, deliveries: list[Delivery]) -> None:
+    """The ingest's two writes without HTTP: the rows record_delivery writes, then `enqueue`."""
+    now = utcnow()
+    rows = [
+        {
+            "webhook_id": d.webhook_id,
+            "type": d.event_type,
+            "status": EventStatus.PENDING,
+            "attempts": 0,
+            "last_error": None,
+            "body": d.body,
+            "headers": d.headers,
+            "webhook_ts": d.webhook_ts,
+            "event_at": d.occurred,
+            "received_at": now,
+            "enqueued_at": now,
+        }
+        for d in deliveries
+    ]
+    insert = insert_for(svc.engine)
+    with svc.engine.begin() as conn:
+        for start in range(0, len(rows), 1000):
+            conn.execute(insert(WebhookEvent), rows[start : start + 1000])
+    settings = load_settings(database_url=svc.db_url, redis_url=svc.redis_url, _env_file=None)
+    celery = make_celery(settings)
+    with celery.producer_or_acquire() as producer:
+        for d in deliveries:
+            # What shared.queue.enqueue sends, over one producer instead of one per message.
+            celery.send_task(
+                PROCESS_EVENT,
+                args=[d.webhook_id],
+                queue=queue_for(d.event_type),
+                producer=producer,
+            )
+    celery.close()
+
+
+def queue_floor(svc: Services, deliveries: list[Delivery]) -> None:
+    celery = make_floor_celery(svc.redis_url)
+    with celery.producer_or_acquire() as producer:
+        for d in deliveries:
+            celery.send_task(
+                NOOP, args=[d.webhook_id], queue=queue_for(d.event_type), producer=producer
+            )
+    celery.close()
+
+
+def product_done(svc: Services, n: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with svc.engine.connect() as conn:
+            done = conn.execute(
+                select(func.count()).where(WebhookEvent.status.in_(FINAL))
+            ).scalar_one()
+        return int(done) >= n
+
+    return check
+
+
+def floor_done(svc: Services) -> Callable[[], bool]:
+    def check() -> bool:
+        waiting = 0
+        for key in svc.redis.scan_iter(count=1000):
+            if svc.redis.type(key) == b"list":
+                waiting += int(svc.redis.llen(key))
+        return waiting == 0 and int(svc.redis.hlen("unacked")) == 0
+
+    return check
+
+
+def drain(
+    cfg: Config, svc: Services, kind: str, workers: int, n: int, done: Callable[[], bool]
+) -> dict[str, Any]:
+    app = "workers" if kind == "product" else "bench.floor_celery"
+    name = f"{kind}-{workers}w-{svc.serial}"
+    with stack.celery_worker(app, workers, svc.env(), svc.log_dir, name) as proc:
+        started = time.monotonic()
+        processes = [proc.pid, *stack.children(proc.pid)]
+        cpu_before = stack.cpu_seconds(processes)
+        deadline = started + max(300.0, n / 5)
+        finished = None
+        while time.monotonic() < deadline:
+            if done():
+                finished = time.monotonic()
+                break
+            time.sleep(0.1)
+        cpu_used = stack.cpu_seconds(processes) - cpu_before
+        pool = stack.children(proc.pid)
+        rss = {
+            "main_kib": stack.peak_rss_kib(proc.pid),
+            "children_kib": [p for p in (stack.peak_rss_kib(c) for c in pool) if p is not None],
+        }
+    elapsed = (finished or time.monotonic()) - started
+    return {
+        "events": n,
+        "complete": finished is not None,
+        "seconds": round(elapsed, 3),
+        "events_per_s": n / elapsed if finished else float("nan"),
+        # Celery main process and pool children; the database's own CPU is not in it.
+        "worker_cpu_ms_per_event": 1000 * cpu_used / n,
+        "peak_rss": rss,
+    }
+
+
+def outcome_counts(svc: Services) -> dict[str, int]:
+    with svc.engine.connect() as conn:
+        rows = conn.execute(
+            select(WebhookEvent.status, func.count()).group_by(WebhookEvent.status)
+        ).all()
+        window = conn.execute(
+            select(func.min(WebhookEvent.processed_at), func.max(WebhookEvent.processed_at))
+        ).one()
+    counts = {str(status): int(count) for status, count in rows}
+    if window[0] and window[1]:
+        counts["processed_at_window_ms"] = int((window[1] - window[0]).total_seconds() * 1000)
+    return counts
+
+
+def e2e_phase(cfg: Config, svc: Services) -> dict[str, Any]:
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {
+        w: {"product": [], "floor": []} for w in cfg.workers
+    }
+    for rep in range(cfg.e2e_reps):
+        for w in cfg.workers:
+            order = ["floor", "product"] if rep % 2 == 0 else ["product", "floor"]
+            for kind in order:
+                svc.reset()
+                deliveries = list(signed_deliveries(cfg.events, svc.secret, run=svc.run_id()))
+                if kind == "product":
+                    record_and_queue(svc, deliveries)
+                    result = drain(cfg, svc, kind, w, cfg.events, product_done(svc, cfg.events))
+                    result["statuses"] = outcome_counts(svc)
+                else:
+                    queue_floor(svc, deliveries)
+                    result = drain(cfg, svc, kind, w, cfg.events, floor_done(svc))
+                runs[w][kind].append(result)
+                progress(
+                    cfg,
+                    f"end to end rep {rep + 1}/{cfg.e2e_reps} {w} worker(s) {kind:<7} "
+                    f"{result['events_per_s']:8.1f} events/s "
+                    f"({cfg.events} in {result['seconds']} s)"
+                    + (f" {result['statuses']}" if kind == "product" else ""),
+                )
+    out: dict[str, Any] = {}
+    for w, by_kind in runs.items():
+        product = [r["events_per_s"] for r in by_kind["product"]]
+        floor = [r["events_per_s"] for r in by_kind["floor"]]
+        out[str(w)] = {
+            "product_events_per_s": spread(product),
+            "floor_events_per_s": spread(floor),
+            "ratio": spread(ratios(product, floor)),
+            "product_cpu_ms_per_event": spread(
+                [r["worker_cpu_ms_per_event"] for r in by_kind["product"]]
+            ),
+            "floor_cpu_ms_per_event": spread(
+                [r["worker_cpu_ms_per_event"] for r in by_kind["floor"]]
+            ),
+            "all_complete": all(r["complete"] for r in by_kind["product"] + by_kind["floor"]),
+            "peak_rss": {
+                "product_main_kib": max(r["peak_rss"]["main_kib"] or 0 for r in by_kind["product"]),
+                "product_child_kib": max(
+                    max(r["peak_rss"]["children_kib"] or [0]) for r in by_kind["product"]
+                ),
+                "floor_main_kib": max(r["peak_rss"]["main_kib"] or 0 for r in by_kind["floor"]),
+                "floor_child_kib": max(
+                    max(r["peak_rss"]["children_kib"] or [0]) for r in by_kind["floor"]
+                ),
+            },
+            "runs": by_kind,
+        }
+    return out
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def fmt(s: dict[str, Any], digits: int = 0) -> str:
+    if not s.get("n"):
+        return "n/a"
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    best = results["ingest"]["best"]
+    fixed500 = results["ingest"]["fixed_rate"].get("500")
+    e2e2 = results["e2e"].get("2")
+    return {
+        "ingest_acked_per_s": {
+            "target": f">= {TARGETS['ingest_acked_per_s']:.0f}",
+            "measured": best["ingest_acked_per_s"]["median"],
+            "met": best["ingest_acked_per_s"]["median"] >= TARGETS["ingest_acked_per_s"],
+        },
+        "ingest_ratio_to_floor": {
+            "target": f">= {TARGETS['ingest_ratio_to_floor']}",
+            "measured": best["ratio"]["median"],
+            "met": best["ratio"]["median"] >= TARGETS["ingest_ratio_to_floor"],
+        },
+        "p99_ms_at_500_per_s": {
+            "target": f"< {TARGETS['p99_ms_at_500_per_s']:.0f}",
+            "measured": fixed500["ingest"]["p99_ms"]["median"] if fixed500 else None,
+            "met": bool(
+                fixed500 and fixed500["ingest"]["p99_ms"]["median"] < TARGETS["p99_ms_at_500_per_s"]
+            ),
+        },
+        "e2e_ratio_to_floor_2_workers": {
+            "target": f">= {TARGETS['e2e_ratio_to_floor_2_workers']}",
+            "measured": e2e2["ratio"]["median"] if e2e2 else None,
+            "met": bool(
+                e2e2 and e2e2["ratio"]["median"] >= TARGETS["e2e_ratio_to_floor_2_workers"]
+            ),
+        },
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    m, ing, e2e = results["machine"], results["ingest"], results["e2e"]
+    lines = [
+        f"dodo-webhooks benchmark ({results['mode']}, {results['settings']['reps']} reps, "
+        f"{results['settings']['e2e_reps']} end to end; "
+        "median [min-max])",
+        f"machine: {m['nproc']} cpu, {m['cpu_model']}, {m['memory_mib']} MiB; load "
+        f"{m['loadavg_at_start']} -> {m['loadavg_at_end']}",
+        f"gunicorn {' '.join(results['settings']['gunicorn_flags'])}; "
+        f"wrk -t {results['settings']['wrk_threads']} -d {results['settings']['duration_s']}s",
+        "",
+        "Ingest at saturation (acknowledged deliveries/s)",
+        f"  {'conns':>5}  {'ingest':>22}  {'floor (verify+LPUSH)':>22}  {'ratio':>18}",
+    ]
+    for c, row in ing["saturation"].items():
+        lines.append(
+            f"  {c:>5}  {fmt(row['ingest_acked_per_s']):>22}  "
+            f"{fmt(row['floor_acked_per_s']):>22}  {fmt(row['ratio'], 2):>18}"
+        )
+    lines += [
+        "",
+        "Ingest CPU per request (gunicorn workers, ms)",
+        f"  {'conns':>5}  {'ingest':>22}  {'floor':>22}  {'ingest/floor':>18}",
+    ]
+    for c, row in ing["saturation"].items():
+        lines.append(
+            f"  {c:>5}  {fmt(row['ingest_cpu_ms_per_request'], 2):>22}  "
+            f"{fmt(row['floor_cpu_ms_per_request'], 2):>22}  {fmt(row['cpu_ratio'], 1):>18}"
+        )
+    lines += [
+        "",
+        "Ingest latency at fixed offered rates (open loop, ms from scheduled send)",
+        f"  {'rate/s':>6}  {'ingest p50':>18}  {'ingest p99':>20}  {'floor p50':>18}  "
+        f"{'floor p99':>20}",
+    ]
+    for rate, row in ing["fixed_rate"].items():
+        lines.append(
+            f"  {rate:>6}  {fmt(row['ingest']['p50_ms'], 1):>18}  "
+            f"{fmt(row['ingest']['p99_ms'], 1):>20}  {fmt(row['floor']['p50_ms'], 1):>18}  "
+            f"{fmt(row['floor']['p99_ms'], 1):>20}"
+            + ("  (ingest overloaded)" if row["ingest"]["overloaded"] else "")
+        )
+    lines += [
+        "",
+        f"End to end: {results['settings']['events']} mixed events recorded and queued, "
+        "drained by celery prefork (events/s)",
+        f"  {'workers':>7}  {'product':>22}  {'floor (no-op task)':>22}  {'ratio':>18}",
+    ]
+    for w, row in e2e.items():
+        lines.append(
+            f"  {w:>7}  {fmt(row['product_events_per_s']):>22}  "
+            f"{fmt(row['floor_events_per_s']):>22}  {fmt(row['ratio'], 2):>18}"
+            + ("" if row["all_complete"] else "  (INCOMPLETE)")
+        )
+    lines.append(
+        "  CPU per event (celery main + pool, ms): "
+        + ", ".join(
+            f"{w}w {fmt(row['product_cpu_ms_per_event'], 2)} vs floor "
+            f"{fmt(row['floor_cpu_ms_per_event'], 2)}"
+            for w, row in e2e.items()
+        )
+    )
+    rss = results["peak_rss_mib"]
+    lines += [
+        "",
+        "Peak RSS (VmHWM, MiB): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rss.items()),
+        "",
+        "Targets:",
+    ]
+    for name, t in results["targets"].items():
+        measured = t["measured"]
+        shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)
+        lines.append(f"  {'met ' if t['met'] else 'MISS'} {name}: {shown} (target {t['target']})")
+    return "\n".join(lines)
+
+
+def peak_rss_mib(results: dict[str, Any]) -> dict[str, float]:
+    ing = results["ingest"]["peak_rss"]
+    e2e = results["e2e"]
+    top = str(max(int(w) for w in e2e))
+
+    def mib(kib: int | None) -> float:
+        return round((kib or 0) / 1024, 1)
+
+    return {
+        "ingest_worker": mib(max(ing["ingest"]["workers_kib"] or [0])),
+        "floor_app_worker": mib(max(ing["floor"]["workers_kib"] or [0])),
+        "celery_main": mib(e2e[top]["peak_rss"]["product_main_kib"]),
+        "celery_pool_child": mib(e2e[top]["peak_rss"]["product_child_kib"]),
+        "floor_celery_pool_child": mib(e2e[top]["peak_rss"]["floor_child_kib"]),
+    }
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 rep, small N")
+    parser.add_argument("--json", action="store_true", help="print the results JSON on stdout")
+    parser.add_argument("--reps", type=int, help="repetitions of every measurement")
+    parser.add_argument("--duration", type=int, help="seconds per wrk run")
+    parser.add_argument("--connections", help="wrk -c values, comma-separated")
+    parser.add_argument("--rates", help="fixed offered rates/s, comma-separated")
+    parser.add_argument("--rate-duration", type=float, help="seconds per fixed-rate run")
+    parser.add_argument("--events", type=int, help="events per end-to-end run")
+    parser.add_argument("--workers", help="celery -c values, comma-separated")
+    parser.add_argument("--e2e-reps", type=int, help="repetitions end to end (default: --reps)")
+    parser.add_argument(
+        "--gunicorn-workers",
+        type=int,
+        default=stack.GUNICORN_WORKERS,
+        help="gunicorn -w for both the ingest and its floor (default 2: one per core here)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the process logs")
+    args = parser.parse_args(argv)
+    quick = args.quick
+
+    def ints(value: str | None, default: list[int]) -> list[int]:
+        return [int(x) for x in value.split(",")] if value else default
+
+    return Config(
+        mode="quick" if quick else "full",
+        reps=args.reps or (1 if quick else 3),
+        duration=args.duration or (2 if quick else 10),
+        connections=ints(args.connections, [16] if quick else [16, 32, 64]),
+        threads=2,
+        rates=ints(args.rates, [250] if quick else [250, 500, 1000]),
+        rate_duration=args.rate_duration or (2.0 if quick else 10.0),
+        events=args.events or (500 if quick else 10_000),
+        workers=ints(args.workers, [2] if quick else [1, 2, 4]),
+        e2e_reps=args.e2e_reps or args.reps or (1 if quick else 3),
+        gunicorn_workers=args.gunicorn_workers,
+        out=args.out,
+        as_json=args.json,
+        keep_logs=args.keep_logs,
+    )
+
+
+@contextmanager
+def services(cfg: Config, root: Path) -> Iterator[Services]:
+    """The run's own database and redis-server; dropped and stopped afterwards."""
+    log_dir = root / "logs"
+    log_dir.mkdir()
+    with stack.bench_database() as db_url, stack.redis_server(log_dir) as redis_url:
+        engine = make_engine(db_url)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            yield Services(db_url, redis_url, new_secret(), engine, client, log_dir, root)
+        finally:
+            client.close()
+            engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print(
+            "bench: wrk is not installed; it is the Debian package `wrk`: apt-get install -y wrk",
+            file=sys.stderr,
+        )
+        return 2
+    started_at = datetime.now(UTC)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "mode": cfg.mode,
+        "started_at": started_at.isoformat(),
+        "machine": machine_facts(),
+    }
+    progress(
+        cfg,
+        f"{cfg.mode} run: {results['machine']['nproc']} cpu, "
+        f"load {results['machine']['loadavg_at_start']}",
+    )
+    with tempfile.TemporaryDirectory(prefix="dodo-bench-") as tmp:
+        root = Path(tmp)
+        try:
+            with services(cfg, root) as svc:
+                results["versions"] = versions(svc.db_url)
+                results["settings"] = settings_record(cfg)
+                progress(cfg, "ingest: saturation (wrk), then fixed rates (open loop)")
+                results["ingest"] = ingest_phase(cfg, svc)
+                progress(cfg, "end to end: record + queue, then drain with celery")
+                results["e2e"] = e2e_phase(cfg, svc)
+        except BaseException:
+            kept = Path(tempfile.mkdtemp(prefix="dodo-bench-logs-"))
+            shutil.copytree(root / "logs", kept, dirs_exist_ok=True)
+            print(f"bench: failed; process logs kept in {kept}", file=sys.stderr)
+            raise
+        if cfg.keep_logs:
+            kept = Path(tempfile.mkdtemp(prefix="dodo-bench-logs-"))
+            shutil.copytree(root / "logs", kept, dirs_exist_ok=True)
+            progress(cfg, f"process logs kept in {kept}")
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["finished_at"] = datetime.now(UTC).isoformat()
+    results["peak_rss_mib"] = peak_rss_mib(results)
+    results["targets"] = targets(results)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
+    text_out = json.dumps(results, indent=2, sort_keys=False, default=str) + "\n"
+    (cfg.out / f"{stamp}.json").write_text(text_out)
+    (cfg.out / "latest.json").write_text(text_out)
+    progress(cfg, f"results: {cfg.out / f'{stamp}.json'} (and latest.json)")
+    print(text_out if cfg.as_json else table(results))
+    return 0
+
+
+def settings_record(cfg: Config) -> dict[str, Any]:
+    return {
+        "reps": cfg.reps,
+        "e2e_reps": cfg.e2e_reps,
+        "duration_s": cfg.duration,
+        "connections": cfg.connections,
+        "wrk_threads": cfg.threads,
+        "rates": cfg.rates,
+        "rate_duration_s": cfg.rate_duration,
+        "events": cfg.events,
+        "worker_counts": cfg.workers,
+        "gunicorn_flags": ["-w", str(cfg.gunicorn_workers), *stack.GUNICORN_FLAGS],
+        "gunicorn_conf_py_present": (stack.ROOT / "gunicorn.conf.py").exists(),
+        "celery_flags": ["-P", "prefork", *stack.CELERY_FLAGS],
+        "log_level": "INFO",
+        "redis": "own redis-server, no persistence (--save '' --appendonly no), noeviction",
+        "e2e_input": "rows inserted as record_delivery writes them, then workers.process_event "
+        "sent per event with shared.queue's settings (no HTTP)",
+        "event_mix": "30 handled types in rotation, 1 in 10 an SDK-known other type; "
+        "distinct ids; refunds/disputes point at a payment of the run; 50 customers",
+        "floor_ingest": "bench/floor_app.py: standardwebhooks verify + LPUSH",
+        "floor_e2e": "bench/floor_celery.py: no-op task, make_celery settings and queues",
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

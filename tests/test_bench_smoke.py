@@ -1,0 +1,129 @@
+"""The benchmark harness: it runs end to end on tiny N and writes well-formed results.
+
+These assert structure, never speed: the numbers of a run on a shared CI box mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.deliveries import event_mix, signed_deliveries
+from bench.profile import INGEST_STEPS, attribute
+from bench.run import spread
+from ingest.verify import Verifier
+from shared.catalog import HANDLED_TYPES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not math.isnan(value)
+
+
+class TestBenchQuickRun:
+    def test_quick_run_writes_results_with_ratios_against_same_run_floors(
+        self, tmp_path: Path
+    ) -> None:
+        done = run_bench(
+            "--quick",
+            "--json",
+            "--duration=1",
+            "--rate-duration=1",
+            "--rates=100",
+            "--events=40",
+            "--workers=1",
+            f"--out={tmp_path}",
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        printed = json.loads(done.stdout)
+        stamped = [p for p in tmp_path.glob("*.json") if p.name != "latest.json"]
+        assert len(stamped) == 1
+        assert json.loads((tmp_path / "latest.json").read_text()) == printed
+        assert json.loads(stamped[0].read_text()) == printed
+
+        assert printed["machine"]["nproc"] >= 1
+        assert printed["versions"]["gunicorn"] and printed["versions"]["postgresql"]
+        assert printed["settings"]["gunicorn_flags"][:2] == ["-w", "2"]
+        best = printed["ingest"]["best"]
+        for key in ("ingest_acked_per_s", "floor_acked_per_s", "ratio"):
+            assert set(best[key]) == {"median", "min", "max", "n"}
+            assert is_number(best[key]["median"]) and best[key]["median"] > 0
+        fixed = printed["ingest"]["fixed_rate"]["100"]
+        assert is_number(fixed["ingest"]["p99_ms"]["median"])
+        assert is_number(fixed["floor"]["p50_ms"]["median"])
+        e2e = printed["e2e"]["1"]
+        assert e2e["all_complete"] is True
+        assert is_number(e2e["ratio"]["median"]) and e2e["ratio"]["median"] > 0
+        statuses = e2e["runs"]["product"][0]["statuses"]
+        assert sum(v for k, v in statuses.items() if k in ("processed", "ignored", "dead")) == 40
+        assert set(printed["peak_rss_mib"]) >= {"ingest_worker", "celery_main", "celery_pool_child"}
+        assert all(v > 0 for v in printed["peak_rss_mib"].values())
+        assert set(printed["targets"]) == {
+            "ingest_acked_per_s",
+            "ingest_ratio_to_floor",
+            "p99_ms_at_500_per_s",
+            "e2e_ratio_to_floor_2_workers",
+        }
+        assert "[bench" in done.stderr  # progress lines while it runs
+
+    def test_says_how_to_install_wrk_when_it_is_missing(self, tmp_path: Path) -> None:
+        done = run_bench("--quick", f"--out={tmp_path}", env={"PATH": str(tmp_path)})
+        assert done.returncode == 2
+        assert "apt-get install -y wrk" in done.stderr
+        assert not list(tmp_path.glob("*.json"))
+
+
+class TestDeliveries:
+    def test_deliveries_are_distinct_and_verify_with_the_ingest_verifier(self) -> None:
+        from bench.deliveries import new_secret
+
+        secret = new_secret()
+        deliveries = list(signed_deliveries(120, secret, run="t"))
+        assert len({d.webhook_id for d in deliveries}) == 120
+        assert len({d.body for d in deliveries}) == 120
+        verifier = Verifier([secret])
+        for d in deliveries:
+            assert verifier.verify(d.body, d.headers).webhook_id == d.webhook_id
+            assert json.loads(d.body)["type"] == d.event_type
+
+    def test_event_mix_covers_every_handled_type(self) -> None:
+        assert set(HANDLED_TYPES) <= set(event_mix(400))
+
+
+class TestProfileAttribution:
+    def test_a_sample_is_charged_to_the_product_step_not_the_framework_around_it(self) -> None:
+        raw = (
+            "run (gunicorn/arbiter.py:1);receive (ingest/webhooks.py:49);"
+            "record_delivery (ingest/recording.py:41);Cursor.execute (psycopg/cursor.py:113) 3\n"
+            "run (gunicorn/arbiter.py:1);SyncWorker.handle (gunicorn/workers/sync.py:141) 1\n"
+        )
+        shares = attribute(raw, INGEST_STEPS)
+        assert shares["record INSERT: execute (round trip)"] == 75.0
+        assert shares["gunicorn: accept, parse, write"] == 25.0
+        assert shares["samples"] == 4
+
+
+class TestSpread:
+    def test_reports_median_min_max_and_ignores_nan(self) -> None:
+        assert spread([3.0, 1.0, float("nan"), 2.0]) == {
+            "median": 2.0,
+            "min": 1.0,
+            "max": 3.0,
+            "n": 3,
+        }
