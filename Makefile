@@ -6,7 +6,7 @@ BENCH_ARGS ?=
 .PHONY: help venv dev test test-fast lint bench bench-quick profile up faults
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 venv: ## create .venv and install the project with its test tools
 	python3 -m venv .venv && $(VENV_BIN)/pip install -q -e '.[test]'
