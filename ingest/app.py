@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
     try:
         settings = settings or get_settings()
         secrets = settings.require_webhook_key()
-        engine = make_engine(settings.database_url)
+        # No ping per checkout (a round trip on every request): record_delivery retries once.
+        engine = make_engine(settings.database_url, pool_pre_ping=False)
         redis_client = redis.Redis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
         settings=settings,
         engine=engine,
         celery=celery,
-        signal=QueueSignal(celery),
+        signal=QueueSignal(celery, redis_client),
         verifier=Verifier(secrets),
         metrics=ingest_metrics(),
         redis=redis_client,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+import redis
 from celery import Celery
 
-from shared.queue import enqueue
+from shared.queue import DirectPublisher, enqueue
 
 
 class QueueSignal:
@@ -18,8 +19,10 @@ class QueueSignal:
     `cooldown` seconds: those deliveries are recorded and beat's re-drive queues them.
     """
 
-    def __init__(self, celery: Celery, *, cooldown: float = 5.0) -> None:
+    def __init__(self, celery: Celery, client: redis.Redis, *, cooldown: float = 5.0) -> None:
         self._celery = celery
+        broker = str(celery.conf.broker_url)
+        self._direct = DirectPublisher(client, celery) if DirectPublisher.supports(broker) else None
         self._cooldown = cooldown
         self._quiet_until = 0.0
 
@@ -28,8 +31,11 @@ class QueueSignal:
         if time.monotonic() < self._quiet_until:
             return False
         try:
-            # No retries here: the re-drive is the retry, and it does not keep Dodo waiting.
-            enqueue(self._celery, webhook_id, event_type, retry=False)
+            if self._direct is not None:
+                self._direct.send(webhook_id, event_type)
+            else:
+                # No retries here: the re-drive is the retry, and it does not keep Dodo waiting.
+                enqueue(self._celery, webhook_id, event_type, retry=False)
         except Exception:
             self._quiet_until = time.monotonic() + self._cooldown
             raise

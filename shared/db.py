@@ -76,11 +76,15 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-def insert_for(bind: Session | Engine) -> Any:
+def dialect_insert(dialect: str) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT (PostgreSQL and SQLite alike)."""
-    name = (bind.get_bind() if isinstance(bind, Session) else bind).dialect.name
-    if name == "postgresql":
+    if dialect == "postgresql":
         return postgresql.insert
-    if name == "sqlite":
+    if dialect == "sqlite":
         return sqlite.insert
-    raise RuntimeError(f"unsupported database dialect {name!r}")
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")
+
+
+def insert_for(bind: Session | Engine) -> Any:
+    """The INSERT of the dialect `bind` talks to."""
+    return dialect_insert((bind.get_bind() if isinstance(bind, Session) else bind).dialect.name)

@@ -130,13 +130,14 @@ class TestAcceptedDeliveries:
         deferred, queued = metrics.deferred._value.get(), metrics.queued._value.get()
         client = app.test_client()
         attempts = []
-        original = app.extensions["dodo"].celery.send_task
+        redis_client = app.extensions["dodo"].redis
+        original = redis_client.lpush
 
-        def counting_send_task(*args: object, **kwargs: object) -> object:
+        def counting_lpush(*args: object) -> object:
             attempts.append(args)
-            return original(*args, **kwargs)
+            return original(*args)
 
-        app.extensions["dodo"].celery.send_task = counting_send_task
+        redis_client.lpush = counting_lpush
         for n in range(10):
             body = BODY.replace("pay_1", f"pay_{n}")
             answer = client.post(URL, data=body, headers=signed_headers(body, webhook_id=f"m{n}"))

@@ -1,0 +1,56 @@
+"""The ingest's direct publish writes exactly the message Celery's send_task writes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from shared.queue import DirectPublisher, make_celery, process_event_message
+from shared.settings import Settings
+
+# Fields that differ on every message (fresh uuids) or with the sending process.
+VOLATILE_HEADERS = {"id", "root_id", "origin"}
+VOLATILE_PROPERTIES = {"correlation_id", "delivery_tag"}
+
+
+def comparable(raw: bytes) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(raw)
+    headers = message["headers"]
+    properties = message["properties"]
+    assert headers["id"] == headers["root_id"] == properties["correlation_id"]
+    for name in VOLATILE_HEADERS:
+        headers.pop(name)
+    for name in VOLATILE_PROPERTIES:
+        properties.pop(name)
+    return message
+
+
+class TestDirectPublisher:
+    def test_message_equals_what_celery_send_task_writes(self, settings: Settings) -> None:
+        """If a Celery or kombu upgrade changes the wire format, this fails first."""
+        app = make_celery(settings)
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            app.send_task("workers.process_event", args=["msg_same"], queue="payments", retry=False)
+            (celerys,) = client.lrange("payments", 0, -1)
+            client.delete("payments")
+            DirectPublisher(client, app).send("msg_same", "payment.succeeded")
+            (ours,) = client.lrange("payments", 0, -1)
+        finally:
+            client.close()
+            app.close()
+        assert comparable(ours) == comparable(celerys)
+
+    def test_each_message_has_fresh_ids_and_the_routing_of_its_family(self) -> None:
+        first = json.loads(process_event_message("m1", "credits", origin="o", reply_to="r"))
+        second = json.loads(process_event_message("m1", "credits", origin="o", reply_to="r"))
+        assert first["headers"]["id"] != second["headers"]["id"]
+        assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
+        assert first["properties"]["delivery_info"]["routing_key"] == "credits"
+
+    def test_only_plain_redis_brokers_take_the_direct_path(self) -> None:
+        assert DirectPublisher.supports("redis://:pw@redis:6379/0")
+        assert DirectPublisher.supports("rediss://redis:6380/0")
+        assert not DirectPublisher.supports("sentinel://host:26379")
