@@ -8,14 +8,14 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy.exc
 from celery import Task
 from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.exceptions import RedisError
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_sessionmaker, transaction, utcnow
@@ -52,10 +52,15 @@ def engine_options(config: Settings) -> dict[str, Any]:
     locks go, and the lease does its job; if the process wakes up, its connection is gone
     and the claim fencing (attempt number) makes it stand down.
     """
+    # No ping per checkout: it was a round trip per transaction. A connection the server
+    # dropped fails the claim, the first statement of a task, which retries without counting
+    # an attempt; the pool then replaces its connections.
+    options: dict[str, Any] = {"pool_pre_ping": False}
     if not config.database_url.startswith("postgresql"):
-        return {}
+        return options
     timeout_ms = max(1000, config.lease_seconds * 1000 // 2)
-    return {"connect_args": {"options": f"-c idle_in_transaction_session_timeout={timeout_ms}"}}
+    options["connect_args"] = {"options": f"-c idle_in_transaction_session_timeout={timeout_ms}"}
+    return options
 
 
 @worker_process_init.connect
@@ -80,43 +85,79 @@ class LostClaim(Exception):
     """Another worker claimed the event after this one's lease ran out; this attempt stands down."""
 
 
+EVENTS = cast(Table, WebhookEvent.__table__)
+
+# Statements built once (building them per task cost more CPU than running them), on the
+# table rather than the mapped class: plain Core, no ORM bookkeeping on the hot path.
+_CLAIM = (
+    update(EVENTS)
+    .where(
+        EVENTS.c.webhook_id == bindparam("b_webhook_id"),
+        or_(
+            EVENTS.c.status.in_([EventStatus.PENDING, EventStatus.RETRYING]),
+            (EVENTS.c.status == EventStatus.PROCESSING)
+            & (EVENTS.c.lease_expires_at < bindparam("b_now")),
+            # The retry of an attempt whose failure could not be written (database down);
+            # NULL when the message is not such a retry, which matches nothing.
+            (EVENTS.c.status == EventStatus.PROCESSING)
+            & (EVENTS.c.attempts == bindparam("b_after_attempt")),
+        ),
+    )
+    .values(
+        status=EventStatus.PROCESSING,
+        attempts=EVENTS.c.attempts + 1,
+        lease_expires_at=bindparam("b_lease_until"),
+    )
+    .returning(
+        EVENTS.c.type,
+        EVENTS.c.body,
+        EVENTS.c.attempts,
+        EVENTS.c.webhook_ts,
+        EVENTS.c.event_at,
+        EVENTS.c.last_error,
+    )
+)
+_HOLD = (
+    select(EVENTS.c.webhook_id)
+    .where(
+        EVENTS.c.webhook_id == bindparam("b_webhook_id"),
+        EVENTS.c.status == EventStatus.PROCESSING,
+        EVENTS.c.attempts == bindparam("b_attempt"),
+    )
+    .with_for_update()
+)
+_FINISH = (
+    update(EVENTS)
+    .where(EVENTS.c.webhook_id == bindparam("b_webhook_id"))
+    .values(
+        status=bindparam("b_status"),
+        outcome=bindparam("b_outcome"),
+        last_error=None,
+        lease_expires_at=None,
+        next_attempt_at=None,
+        processed_at=bindparam("b_now"),
+    )
+)
+
+
 def claim_event(
     factory: sessionmaker[Session], webhook_id: str, lease_seconds: int, after_attempt: int | None
 ) -> Claim | None:
-    """Mark the event processing and count the attempt, in its own committed transaction.
+    """Mark the event processing and count the attempt, committed at once (autocommit).
 
     Returns None when there is nothing to do: already final, or claimed by a live worker.
     """
     now = utcnow()
-    claimable = [
-        WebhookEvent.status.in_([EventStatus.PENDING, EventStatus.RETRYING]),
-        (WebhookEvent.status == EventStatus.PROCESSING) & (WebhookEvent.lease_expires_at < now),
-    ]
-    if after_attempt is not None:
-        # The retry of an attempt whose failure could not be written (database down).
-        claimable.append(
-            (WebhookEvent.status == EventStatus.PROCESSING)
-            & (WebhookEvent.attempts == after_attempt)
-        )
-    stmt = (
-        update(WebhookEvent)
-        .where(WebhookEvent.webhook_id == webhook_id, or_(*claimable))
-        .values(
-            status=EventStatus.PROCESSING,
-            attempts=WebhookEvent.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-        )
-        .returning(
-            WebhookEvent.type,
-            WebhookEvent.body,
-            WebhookEvent.attempts,
-            WebhookEvent.webhook_ts,
-            WebhookEvent.event_at,
-            WebhookEvent.last_error,
-        )
-    )
-    with transaction(factory) as session:
-        row = session.execute(stmt).first()
+    params = {
+        "b_webhook_id": webhook_id,
+        "b_now": now,
+        "b_after_attempt": after_attempt,
+        "b_lease_until": now + timedelta(seconds=lease_seconds),
+    }
+    engine: Engine = factory.kw["bind"]
+    with engine.connect() as conn:
+        # One statement is the whole transaction: one round trip, no BEGIN/COMMIT.
+        row = conn.execution_options(isolation_level="AUTOCOMMIT").execute(_CLAIM, params).first()
     if row is None:
         return None
     return Claim(
@@ -127,14 +168,8 @@ def claim_event(
 def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | None]:
     """Run the routed handler and mark the event final, inside the caller's transaction."""
     held = session.execute(
-        select(WebhookEvent)
-        .where(
-            WebhookEvent.webhook_id == claim.webhook_id,
-            WebhookEvent.status == EventStatus.PROCESSING,
-            WebhookEvent.attempts == claim.attempt,
-        )
-        .with_for_update()
-    ).scalar_one_or_none()
+        _HOLD, {"b_webhook_id": claim.webhook_id, "b_attempt": claim.attempt}
+    ).first()
     if held is None:
         raise LostClaim(claim.webhook_id)
     if claim.type is None:
@@ -147,12 +182,15 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
     else:
         delivery = Delivery(claim.webhook_id, claim.webhook_ts, claim.event_at)
         status, outcome = EventStatus.PROCESSED, handler(session, event, delivery)
-    held.status = status
-    held.outcome = outcome
-    held.last_error = None
-    held.lease_expires_at = None
-    held.next_attempt_at = None
-    held.processed_at = utcnow()
+    session.execute(
+        _FINISH,
+        {
+            "b_webhook_id": claim.webhook_id,
+            "b_status": status,
+            "b_outcome": outcome,
+            "b_now": utcnow(),
+        },
+    )
     return status, outcome
 
 
