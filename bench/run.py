@@ -726,7 +726,7 @@ def parse_args(argv: list[str] | None) -> Config:
         "--gunicorn-workers",
         type=int,
         default=stack.GUNICORN_WORKERS,
-        help="gunicorn -w for both the ingest and its floor (default 2: one per core here)",
+        help="gunicorn -w for ingest and floor (default: gunicorn.conf.py's, 2 x cores + 1)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--keep-logs", action="store_true", help="keep the process logs")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import stack
 from bench.deliveries import event_mix, signed_deliveries
 from bench.profile import INGEST_STEPS, attribute
 from bench.run import spread
@@ -59,7 +60,8 @@ class TestBenchQuickRun:
 
         assert printed["machine"]["nproc"] >= 1
         assert printed["versions"]["gunicorn"] and printed["versions"]["postgresql"]
-        assert printed["settings"]["gunicorn_flags"][:2] == ["-w", "2"]
+        workers = str(stack.GUNICORN_WORKERS)
+        assert printed["settings"]["gunicorn_flags"][:2] == ["-w", workers]
         best = printed["ingest"]["best"]
         for key in ("ingest_acked_per_s", "floor_acked_per_s", "ratio"):
             assert set(best[key]) == {"median", "min", "max", "n"}
