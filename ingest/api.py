@@ -24,6 +24,7 @@ from shared.models import (
     Subscription,
     SubscriptionHistory,
     WebhookEvent,
+    isoformat,
 )
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -32,10 +33,6 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 @bp.before_request
 def _authenticate() -> tuple[Response, int] | None:
     return require_admin()
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
 
 
 def not_found(what: str, key: str) -> tuple[Response, int]:
@@ -48,20 +45,7 @@ def get_event(webhook_id: str) -> tuple[Response, int]:
         event = session.get(WebhookEvent, webhook_id)
         if event is None:
             return not_found("event", webhook_id)
-        return jsonify(event_summary(event)), 200
-
-
-def event_summary(event: WebhookEvent) -> dict[str, object]:
-    return {
-        "webhook_id": event.webhook_id,
-        "type": event.type,
-        "status": event.status,
-        "outcome": event.outcome,
-        "attempts": event.attempts,
-        "last_error": event.last_error,
-        "received_at": iso(event.received_at),
-        "processed_at": iso(event.processed_at),
-    }
+        return jsonify(event.summary()), 200
 
 
 def bad_request(exc: FilterError) -> tuple[Response, int]:
@@ -86,7 +70,7 @@ def list_dead_letters() -> tuple[Response, int]:
             total = deadletters.count_dead(session, **filters)
     except FilterError as exc:
         return bad_request(exc)
-    answer = jsonify([event_summary(event) for event in events])
+    answer = jsonify([event.summary() for event in events])
     answer.headers["X-Total-Count"] = str(total)
     return answer, 200
 
@@ -98,7 +82,7 @@ def get_dead_letter(webhook_id: str) -> tuple[Response, int]:
         event = session.get(WebhookEvent, webhook_id)
         if event is None or event.status != EventStatus.DEAD:
             return not_found("dead letter", webhook_id)
-        return jsonify(dead_letter_detail(event)), 200
+        return jsonify(event.detail()), 200
 
 
 @bp.post("/dead-letters/retry")
@@ -146,16 +130,6 @@ def retry_dead_letters() -> tuple[Response, int]:
     return jsonify(answer), 200
 
 
-def dead_letter_detail(event: WebhookEvent) -> dict[str, object]:
-    return {
-        **event_summary(event),
-        "event_at": iso(event.event_at),
-        "webhook_ts": event.webhook_ts,
-        "headers": event.headers,
-        "body": event.body.decode("utf-8", errors="replace"),
-    }
-
-
 def snapshot_view(row: SnapshotMixin, columns: dict[str, Any]) -> dict[str, Any]:
     """Dodo's object as last delivered, overlaid with our columns, and the event it came from."""
     view: dict[str, Any] = dict(row.data)
@@ -167,7 +141,7 @@ def snapshot_view(row: SnapshotMixin, columns: dict[str, Any]) -> dict[str, Any]
         view[name] = value
     view["last_event"] = {
         "type": row.last_event_type,
-        "timestamp": iso(row.last_event_at),
+        "timestamp": isoformat(row.last_event_at),
         "webhook_id": row.last_webhook_id,
     }
     return view
@@ -232,7 +206,7 @@ def get_dispute(dispute_id: str) -> tuple[Response, int]:
                 "dispute_status": step.dispute_status,
                 "dispute_stage": step.dispute_stage,
                 "type": step.type,
-                "timestamp": iso(step.event_at),
+                "timestamp": isoformat(step.event_at),
                 "webhook_id": step.webhook_id,
             }
             for step in history
@@ -273,7 +247,7 @@ def get_subscription(subscription_id: str) -> tuple[Response, int]:
                 "product_id": step.product_id,
                 "quantity": step.quantity,
                 "type": step.type,
-                "timestamp": iso(step.event_at),
+                "timestamp": isoformat(step.event_at),
                 "webhook_id": step.webhook_id,
             }
             for step in history

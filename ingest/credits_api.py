@@ -14,10 +14,10 @@ from flask import Response, jsonify
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from ingest.api import bp, iso, not_found
+from ingest.api import bp, not_found
 from ingest.app import state
 from shared.ledger import ChainLink, order_chain
-from shared.models import CreditBalance, CreditEntry, LicenseKey, Payment, Subscription
+from shared.models import CreditBalance, CreditEntry, LicenseKey, Payment, Subscription, isoformat
 
 
 def amount(value: Decimal | None) -> str | None:
@@ -38,14 +38,14 @@ def account_summary(balance: CreditBalance) -> dict[str, Any]:
             "available_balance": amount(balance.alert_available_balance),
             "threshold_percent": balance.alert_threshold_percent,
             "threshold_amount": amount(balance.alert_threshold_amount),
-            "timestamp": iso(balance.alert_at),
+            "timestamp": isoformat(balance.alert_at),
         }
     return {
         "credit_entitlement_id": balance.credit_entitlement_id,
         "balance": amount(balance.balance),
         "overage": amount(balance.overage),
         "chain_ok": balance.chain_ok,
-        "last_entry_at": iso(balance.last_entry_at),
+        "last_entry_at": isoformat(balance.last_entry_at),
         "entry_count": balance.entry_count,
         "low_balance_alert": alert,
     }
@@ -62,7 +62,7 @@ def entry_summary(entry: CreditEntry) -> dict[str, Any]:
         "balance_after": amount(entry.balance_after),
         "overage_before": amount(entry.overage_before),
         "overage_after": amount(entry.overage_after),
-        "created_at": iso(entry.created_at),
+        "created_at": isoformat(entry.created_at),
         "webhook_id": entry.webhook_id,
     }
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from shared import deadletters
 from shared.cli import CommandError
 from shared.deadletters import FilterError
-from shared.models import EventStatus, WebhookEvent
+from shared.models import EventStatus, WebhookEvent, isoformat
 from shared.settings import Settings, first_line, load_settings, redact_url
 
 ERROR_WIDTH = 60
@@ -83,7 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         except FilterError as exc:
             raise CommandError(str(exc)) from None
     if args.json:
-        _print_json({"total": total, "dead_letters": [summary(e) for e in events]})
+        _print_json({"total": total, "dead_letters": [e.summary() for e in events]})
         return 0
     if events:
         print(table(events))
@@ -101,7 +101,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         events = {event.webhook_id: event for event in found}
     missing = [i for i in args.ids if i not in events]
     if args.json:
-        _print_json([detail(events[i]) for i in args.ids if i in events])
+        _print_json([events[i].detail() for i in args.ids if i in events])
     else:
         for position, webhook_id in enumerate(i for i in args.ids if i in events):
             if position:
@@ -211,29 +211,6 @@ def _session(settings: Settings) -> Iterator[Session]:
         engine.dispose()
 
 
-def summary(event: WebhookEvent) -> dict[str, Any]:
-    return {
-        "webhook_id": event.webhook_id,
-        "type": event.type,
-        "status": event.status,
-        "outcome": event.outcome,
-        "attempts": event.attempts,
-        "last_error": event.last_error,
-        "received_at": _iso(event.received_at),
-        "processed_at": _iso(event.processed_at),
-    }
-
-
-def detail(event: WebhookEvent) -> dict[str, Any]:
-    return {
-        **summary(event),
-        "event_at": _iso(event.event_at),
-        "webhook_ts": event.webhook_ts,
-        "headers": event.headers,
-        "body": event.body.decode("utf-8", errors="replace"),
-    }
-
-
 def table(events: list[WebhookEvent]) -> str:
     rows = [("WEBHOOK_ID", "TYPE", "ATTEMPTS", "RECEIVED_AT", "LAST_ERROR")]
     for e in events:
@@ -255,9 +232,9 @@ def describe(event: WebhookEvent) -> str:
         f"status:       {event.status}"
         + ("" if event.status == EventStatus.DEAD else "  (not a dead letter now)"),
         f"attempts:     {event.attempts}",
-        f"received_at:  {_iso(event.received_at)}",
-        f"event_at:     {_iso(event.event_at) or '-'}",
-        f"processed_at: {_iso(event.processed_at) or '-'}",
+        f"received_at:  {isoformat(event.received_at)}",
+        f"event_at:     {isoformat(event.event_at) or '-'}",
+        f"processed_at: {isoformat(event.processed_at) or '-'}",
         f"last_error:   {event.last_error or '-'}",
         "headers:",
         *(f"  {name}: {value}" for name, value in sorted(event.headers.items())),
@@ -275,10 +252,6 @@ def _short(error: str | None) -> str:
         return "-"
     line = error.splitlines()[0]
     return line if len(line) <= ERROR_WIDTH else line[: ERROR_WIDTH - 1] + "…"
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value else None
 
 
 def _print_json(value: Any) -> None:

@@ -103,6 +103,33 @@ class WebhookEvent(Base):
         Index("ix_webhook_events_type", "type"),
     )
 
+    def summary(self) -> dict[str, Any]:
+        """The event as `GET /api/events/<id>` and `dlq list --json` show it (DESIGN.md)."""
+        return {
+            "webhook_id": self.webhook_id,
+            "type": self.type,
+            "status": self.status,
+            "outcome": self.outcome,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "received_at": isoformat(self.received_at),
+            "processed_at": isoformat(self.processed_at),
+        }
+
+    def detail(self) -> dict[str, Any]:
+        """The summary with what was delivered: for looking at a dead letter."""
+        return {
+            **self.summary(),
+            "event_at": isoformat(self.event_at),
+            "webhook_ts": self.webhook_ts,
+            "headers": self.headers,
+            "body": self.body.decode("utf-8", errors="replace"),
+        }
+
+
+def isoformat(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
 
 class SnapshotMixin:
     """The event whose state a snapshot row holds, and the order key that protects it."""

@@ -118,24 +118,29 @@ class CustomerRef(BaseModel):
     customer_id: Id
 
 
-class PaymentData(DodoObject):
-    """`dodopayments.types.Payment`."""
+class WithCustomer(DodoObject):
+    """Objects that carry Dodo's `customer` object; we store its id."""
 
-    payment_id: Id
-    status: Code | None = None
-    total_amount: MinorUnits
-    currency: Currency
     customer: CustomerRef | None = None
-    subscription_id: Id | None = None
-    refund_status: Code | None = None
-    created_at: Instant | None = None
 
     @property
     def customer_id(self) -> str | None:
         return self.customer.customer_id if self.customer else None
 
 
-class RefundData(DodoObject):
+class PaymentData(WithCustomer):
+    """`dodopayments.types.Payment`."""
+
+    payment_id: Id
+    status: Code | None = None
+    total_amount: MinorUnits
+    currency: Currency
+    subscription_id: Id | None = None
+    refund_status: Code | None = None
+    created_at: Instant | None = None
+
+
+class RefundData(WithCustomer):
     """`dodopayments.types.Refund`."""
 
     refund_id: Id
@@ -143,12 +148,7 @@ class RefundData(DodoObject):
     status: Code
     amount: MinorUnits | None = None
     currency: Currency | None = None
-    customer: CustomerRef | None = None
     created_at: Instant | None = None
-
-    @property
-    def customer_id(self) -> str | None:
-        return self.customer.customer_id if self.customer else None
 
 
 class DisputeData(DodoObject):
@@ -163,23 +163,18 @@ class DisputeData(DodoObject):
     created_at: Instant | None = None
 
 
-class SubscriptionData(DodoObject):
+class SubscriptionData(WithCustomer):
     """`dodopayments.types.Subscription` (plus the event's `past_due_ends_at`, `payment_id`)."""
 
     subscription_id: Id
     status: Code
     product_id: Id
     quantity: Count
-    customer: CustomerRef | None = None
     next_billing_date: Instant | None = None
     previous_billing_date: Instant | None = None
     cancel_at_next_billing_date: StrictBool = False
     cancelled_at: Instant | None = None
     created_at: Instant | None = None
-
-    @property
-    def customer_id(self) -> str | None:
-        return self.customer.customer_id if self.customer else None
 
 
 class LicenseKeyData(DodoObject):
