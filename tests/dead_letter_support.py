@@ -13,7 +13,14 @@ from sqlalchemy.orm import Session
 
 from shared.db import utcnow
 from shared.models import CreditBalance, EventStatus, WebhookEvent
-from tests.support import VENV_BIN, ManagedProcess, envelope, signed_headers, wait_until
+from tests.support import (
+    VENV_BIN,
+    ManagedProcess,
+    celery_worker,
+    envelope,
+    signed_headers,
+    wait_until,
+)
 
 COUNT = "test.count"
 POISON = "test.poison"
@@ -112,30 +119,8 @@ def routes_worker(
     extra: list[str] | None = None,
 ) -> Iterator[ManagedProcess]:
     """A prefork Celery worker as a user runs it, plus the test routes (poison, count, flaky)."""
-    proc = ManagedProcess(
-        f"worker-{name}",
-        [
-            str(VENV_BIN / "python"),
-            "-m",
-            "tests.worker_with_test_routes",
-            "-n",
-            f"{name}@%h",
-            "-c",
-            str(concurrency),
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            *(extra or []),
-        ],
-        env,
-        log_dir,
-    )
-    try:
-        wait_until(
-            lambda: "ready." in proc.output(),
-            timeout=60,
-            what=f"celery worker to be ready; log:\n{proc.output()}",
-        )
+    command = [str(VENV_BIN / "python"), "-m", "tests.worker_with_test_routes"]
+    with celery_worker(
+        env, log_dir, name=name, concurrency=concurrency, extra=extra, command=command
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()

@@ -159,15 +159,14 @@ def celery_worker(
     name: str = "w1",
     concurrency: int = 2,
     extra: list[str] | None = None,
+    command: list[str] | None = None,
 ) -> Iterator[ManagedProcess]:
-    """`celery -A workers worker` as a user runs it (prefork pool)."""
+    """`celery -A workers worker` as a user runs it (prefork pool), or `command` instead of
+    `celery -A workers worker` with the same options."""
     proc = ManagedProcess(
         f"worker-{name}",
         [
-            str(VENV_BIN / "celery"),
-            "-A",
-            "workers",
-            "worker",
+            *(command or [str(VENV_BIN / "celery"), "-A", "workers", "worker"]),
             "-n",
             f"{name}@%h",
             "-c",
