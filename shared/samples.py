@@ -45,7 +45,7 @@ _STATUS_BY_TYPE: dict[str, dict[str, Any]] = {
 for _t in ("opened", "expired", "accepted", "cancelled", "challenged", "won", "lost"):
     _STATUS_BY_TYPE[f"dispute.{_t}"] = {"dispute_status": f"dispute_{_t}"}
 
-_TRANSACTION_BY_TYPE = {
+TRANSACTION_BY_TYPE = {
     "credit.added": ("credit_added", True),
     "credit.deducted": ("credit_deducted", False),
     "credit.expired": ("credit_expired", False),
@@ -207,8 +207,8 @@ def sample_event(
         data = _synth_model(model.model_fields["data"].annotation, now, 0)  # type: ignore[arg-type]
         for key, value in _STATUS_BY_TYPE.get(event_type, {}).items():
             data[key] = now.isoformat() if value == "{now}" else value
-        if event_type in _TRANSACTION_BY_TYPE:
-            kind, is_credit = _TRANSACTION_BY_TYPE[event_type]
+        if event_type in TRANSACTION_BY_TYPE:
+            kind, is_credit = TRANSACTION_BY_TYPE[event_type]
             before, amount = Decimal("100.00"), Decimal("25.00")
             after = before + amount if is_credit else before - amount
             data.update(

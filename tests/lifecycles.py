@@ -19,20 +19,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from shared.samples import sample_event
+from shared.samples import TRANSACTION_BY_TYPE, sample_event
 from tests.reference import Sent
 
 FAMILIES = ("payments", "subscriptions", "credits")
 
-TRANSACTION_TYPE = {
-    "credit.added": ("credit_added", True),
-    "credit.deducted": ("credit_deducted", False),
-    "credit.expired": ("credit_expired", False),
-    "credit.rolled_over": ("credit_rolled_over", True),
-    "credit.rollover_forfeited": ("rollover_forfeited", False),
-    "credit.overage_charged": ("overage_charged", False),
-    "credit.overage_reset": ("overage_reset", True),
-}
 CURRENCIES = ("USD", "EUR", "INR", "GBP")
 PRODUCTS = tuple(f"pdt_plan{i}" for i in range(1, 6))
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -323,7 +314,7 @@ class Generator:
             )
             if not tied:
                 at = self.later(at, 1, 2 * 86400)
-            transaction_type, is_credit = TRANSACTION_TYPE.get(kind, ("manual_adjustment", True))
+            transaction_type, is_credit = TRANSACTION_BY_TYPE[kind]
             if kind == "credit.manual_adjustment":
                 is_credit = new_balance > balance
             entries.append(
