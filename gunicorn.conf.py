@@ -56,7 +56,13 @@ if not control_socket_disable:
 
 
 def on_starting(server: Any) -> None:
-    """In Prometheus multiprocess mode, start from an empty directory (the client's rule)."""
+    """Check the ingest's configuration once, before any worker boots; and in Prometheus
+    multiprocess mode, start from an empty directory (the client's rule)."""
+    if str(getattr(getattr(server, "app", None), "app_uri", "")).startswith("ingest:"):
+        # One line naming the variable, exit status 4, and no worker ever started.
+        from ingest.app import preflight
+
+        preflight()
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)

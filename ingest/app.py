@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Celery
@@ -43,23 +43,9 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
     """The ingest. With `check_connections`, an unreachable database or Redis stops the start."""
     try:
         settings = settings or get_settings()
-        secrets = settings.require_webhook_key()
-        # No ping per checkout (a round trip on every request): record_delivery retries once.
-        engine = make_engine(settings.database_url, pool_pre_ping=False)
-        redis_client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
-        )
-        if check_connections:
-            try:
-                check_reachable(engine, redis_client, settings)
-            except ConfigError:
-                engine.dispose()
-                redis_client.close()
-                raise
+        secrets, engine, redis_client = connect(settings, check_connections=check_connections)
     except ConfigError as exc:
-        # Under gunicorn a traceback here would bury the one line the operator needs.
-        print(f"dodo-webhooks ingest: {exc}", file=sys.stderr)
-        raise SystemExit(APP_LOAD_ERROR) from None
+        exit_with(exc)
     configure_logging(settings.log_level)
 
     celery = make_celery(settings)
@@ -84,6 +70,44 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+def connect(
+    settings: Settings, *, check_connections: bool
+) -> tuple[list[str], Engine, redis.Redis]:
+    """The secrets, the engine and the Redis client, or a ConfigError naming the variable."""
+    secrets = settings.require_webhook_key()
+    # No ping per checkout (a round trip on every request): record_delivery retries once.
+    engine = make_engine(settings.database_url, pool_pre_ping=False)
+    redis_client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+    )
+    if check_connections:
+        try:
+            check_reachable(engine, redis_client, settings)
+        except ConfigError:
+            engine.dispose()
+            redis_client.close()
+            raise
+    return secrets, engine, redis_client
+
+
+def exit_with(exc: ConfigError) -> NoReturn:
+    # Under gunicorn a traceback here would bury the one line the operator needs.
+    print(f"dodo-webhooks ingest: {exc}", file=sys.stderr)
+    raise SystemExit(APP_LOAD_ERROR) from None
+
+
+def preflight() -> None:
+    """create_app's checks, run once by gunicorn's master (gunicorn.conf.py) before any worker
+    boots: when several workers fail to load at once, gunicorn's arbiter ends with a traceback
+    of its own after our line."""
+    try:
+        _, engine, redis_client = connect(get_settings(), check_connections=True)
+    except ConfigError as exc:
+        exit_with(exc)
+    engine.dispose()
+    redis_client.close()
 
 
 def check_reachable(engine: Engine, redis_client: redis.Redis, settings: Settings) -> None:
