@@ -1,4 +1,4 @@
-"""Per-call cost of the ingest's steps, and of the cheaper ways proposed in docs/performance.md.
+"""Per-call cost of the ingest's steps, beside the ways they were done before (docs/performance.md).
 
     python -m bench.micro [--calls N]
 
@@ -10,12 +10,14 @@ the steps in isolation, so the sum is not the request: gunicorn and Flask come o
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from sqlalchemy import text
@@ -23,12 +25,14 @@ from sqlalchemy.engine import make_url
 
 from bench.deliveries import Delivery, signed_deliveries
 from bench.run import Config, services
-from ingest.recording import record_delivery
+from ingest.recording import Recorder, _insert_sqlalchemy, delivery_row
 from ingest.verify import Verifier
 from shared.catalog import queue_for
-from shared.db import make_engine
+from shared.db import insert_for, make_engine
 from shared.envelope import read_envelope_head
-from shared.queue import enqueue, make_celery
+from shared.logs import configure_logging, get_logger, log_step
+from shared.models import WebhookEvent
+from shared.queue import DirectPublisher, enqueue, make_celery
 from shared.settings import load_settings
 
 RAW_INSERT = (
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             dodo_payments_webhook_key=svc.secret,
             _env_file=None,
         )
-        deliveries: list[Delivery] = list(signed_deliveries(n * 6, svc.secret, run="m"))
+        deliveries: list[Delivery] = list(signed_deliveries(n * 12, svc.secret, run="m"))
         verifier = Verifier([svc.secret])
         engine = make_engine(svc.db_url)
         no_ping = make_engine(svc.db_url, pool_pre_ping=False)
@@ -87,20 +91,36 @@ def main(argv: list[str] | None = None) -> int:
         raw = psycopg.connect(dsn, autocommit=True)
         producer = celery.producer_pool.acquire(block=True)
 
-        def record(e: object) -> Callable[[int], object]:
-            def step(i: int) -> object:
-                d = deliveries[i + offset[0]]
-                return record_delivery(
-                    e,  # type: ignore[arg-type]
-                    webhook_id=d.webhook_id,
-                    webhook_ts=d.webhook_ts,
-                    headers=d.headers,
-                    body=d.body,
-                    event_type=d.event_type,
-                    event_at=d.occurred,
+        recorder = Recorder(no_ping)
+        publisher = DirectPublisher(svc.redis, celery)
+
+        def fields(i: int) -> dict[str, Any]:
+            d = deliveries[i + offset[0]]
+            return {
+                "webhook_id": d.webhook_id,
+                "webhook_ts": d.webhook_ts,
+                "headers": d.headers,
+                "body": d.body,
+                "event_type": d.event_type,
+                "event_at": d.occurred,
+            }
+
+        def in_transaction(i: int) -> object:
+            stmt = insert_for(engine)(WebhookEvent).on_conflict_do_nothing()
+            with engine.begin() as conn:
+                return conn.execute(
+                    stmt.returning(WebhookEvent.webhook_id), delivery_row(**fields(i))
                 )
 
-            return step
+        def through_sqlalchemy(e: object) -> Callable[[int], object]:
+            return lambda i: _insert_sqlalchemy(e, delivery_row(**fields(i)))  # type: ignore[arg-type]
+
+        # A log line's cost, written to a file as gunicorn's stderr would be, not to a terminal.
+        configure_logging("INFO")
+        log = get_logger("micro")
+        log_file = open(Path(tmp) / "micro.log", "w")  # noqa: SIM115
+        for handler in logging.getLogger("dodo_webhooks").handlers:
+            handler.setStream(log_file)  # type: ignore[attr-defined]
 
         def raw_insert(i: int) -> object:
             d = deliveries[i + offset[0]]
@@ -123,9 +143,21 @@ def main(argv: list[str] | None = None) -> int:
                 lambda i: verifier.verify(deliveries[i].body, deliveries[i].headers),
             ),
             ("envelope parse (pydantic)", lambda i: read_envelope_head(deliveries[i].body)),
-            ("record_delivery as is (pre-ping, INSERT, COMMIT)", record(engine)),
-            ("record_delivery, engine without pre-ping", record(no_ping)),
+            (
+                "record: Recorder, psycopg, autocommit (the ingest)",
+                lambda i: recorder.record(**fields(i)),
+            ),
+            ("record through SQLAlchemy, autocommit (SQLite's path)", through_sqlalchemy(no_ping)),
+            ("record through SQLAlchemy, pre-ping + transaction (before)", in_transaction),
             ("raw psycopg INSERT ... RETURNING, autocommit", raw_insert),
+            (
+                "publish: DirectPublisher, one LPUSH (the ingest)",
+                lambda i: publisher.send(deliveries[i].webhook_id, deliveries[i].event_type),
+            ),
+            (
+                "one JSON log line at INFO",
+                lambda i: log_step(log, "queued", webhook_id="msg_1", type="x"),
+            ),
             (
                 "enqueue as is (Celery send_task)",
                 lambda i: enqueue(celery, deliveries[i].webhook_id, deliveries[i].event_type),
@@ -151,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             with engine.begin() as conn:
                 conn.execute(text("TRUNCATE webhook_events"))
         producer.release()
+        recorder.close()
+        log_file.close()
         raw.close()
         engine.dispose()
         no_ping.dispose()
-    print(f"{'step':<52} {'wall µs':>9} {'CPU µs':>9}   ({n} calls each)")
+    print(f"{'step':<60} {'wall µs':>9} {'CPU µs':>9}   ({n} calls each)")
     for label, wall, cpu in rows:
-        print(f"{label:<52} {wall:>9.0f} {cpu:>9.0f}")
+        print(f"{label:<60} {wall:>9.0f} {cpu:>9.0f}")
     sys.stdout.flush()
     return 0
 

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 from werkzeug.exceptions import HTTPException
 
 from ingest.metrics import IngestMetrics, ingest_metrics
+from ingest.recording import Recorder
 from ingest.signal import QueueSignal
 from ingest.verify import Verifier
 from shared.db import make_engine
@@ -28,11 +29,18 @@ log = get_logger("ingest")
 class IngestState:
     settings: Settings
     engine: Engine
+    recorder: Recorder
     celery: Celery
     signal: QueueSignal
     verifier: Verifier
     metrics: IngestMetrics
     redis: redis.Redis
+
+    def close(self) -> None:
+        """Close the app's connections (tests, and anything that makes apps on the fly)."""
+        self.recorder.close()
+        self.engine.dispose()
+        self.redis.close()
 
 
 # gunicorn's "application failed to load": the master stops instead of respawning workers.
@@ -55,6 +63,7 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
     app.extensions["dodo"] = IngestState(
         settings=settings,
         engine=engine,
+        recorder=Recorder(engine),
         celery=celery,
         signal=QueueSignal(celery, redis_client),
         verifier=Verifier(secrets),
@@ -77,7 +86,7 @@ def connect(
 ) -> tuple[list[str], Engine, redis.Redis]:
     """The secrets, the engine and the Redis client, or a ConfigError naming the variable."""
     secrets = settings.require_webhook_key()
-    # No ping per checkout (a round trip on every request): record_delivery retries once.
+    # No ping per checkout (a round trip on every request); the Recorder retries once.
     engine = make_engine(settings.database_url, pool_pre_ping=False)
     redis_client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=2, socket_connect_timeout=2

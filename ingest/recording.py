@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from datetime import datetime
 from functools import cache
 from typing import Any
 
+import psycopg
+from psycopg.types.json import Json
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from shared.db import dialect_insert, utcnow
 from shared.models import EventStatus, WebhookEvent
 
+# The row's columns, in the order of the PostgreSQL statement's placeholders.
+COLUMNS = (
+    "webhook_id",
+    "type",
+    "status",
+    "attempts",
+    "last_error",
+    "body",
+    "headers",
+    "webhook_ts",
+    "event_at",
+    "received_at",
+    "enqueued_at",
+)
+# `%b`: the body goes as binary bytea, not hex-escaped text.
+_PG_INSERT = (
+    f"INSERT INTO {WebhookEvent.__tablename__} ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('%b' if c == 'body' else '%s' for c in COLUMNS)}) "
+    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
+)
 
-@cache
-def _insert_once(dialect: str) -> Any:
-    # Built once: constructing the statement cost more CPU than running it.
-    insert = dialect_insert(dialect)(WebhookEvent).on_conflict_do_nothing()
-    return insert.returning(WebhookEvent.webhook_id)
 
-
-def record_delivery(
-    engine: Engine,
+def delivery_row(
     *,
     webhook_id: str,
     webhook_ts: int,
@@ -30,16 +47,10 @@ def record_delivery(
     event_type: str | None,
     event_at: datetime | None,
     dead_reason: str | None = None,
-) -> bool:
-    """Insert the delivery once; False when this webhook id was already recorded.
-
-    The one INSERT is the whole transaction, run in autocommit: one round trip. The pool
-    does not ping connections first (another round trip, on every request); a connection
-    the server dropped is found on use instead, and the INSERT, idempotent on its key, is
-    tried once more on a fresh one.
-    """
+) -> dict[str, Any]:
+    """The `webhook_events` row of a new delivery: pending and queued, or dead on arrival."""
     now = utcnow()
-    values = {
+    return {
         "webhook_id": webhook_id,
         "type": event_type,
         "status": EventStatus.DEAD if dead_reason else EventStatus.PENDING,
@@ -52,18 +63,92 @@ def record_delivery(
         "received_at": now,
         "enqueued_at": None if dead_reason else now,
     }
+
+
+class Recorder:
+    """Inserts each delivery once; `record` is False when its webhook id was already recorded.
+
+    The one INSERT is the whole transaction, in autocommit: one round trip, answered by
+    PostgreSQL after the commit reached the WAL. On PostgreSQL it runs on a psycopg connection
+    the recorder holds per process and thread, not through SQLAlchemy: the request's other
+    work costs less than SQLAlchemy's checkout, reset and execution path did (docs/performance.md).
+    A connection the server dropped is found on use, and the INSERT, idempotent on its key, is
+    tried once more on a fresh one. Other databases (SQLite for `dodo-webhooks dev`) go
+    through the engine.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._psycopg: dict[str, Any] | None = None
+        if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+            _, params = engine.dialect.create_connect_args(engine.url)
+            params.pop("context", None)  # SQLAlchemy's adapters; psycopg's own are enough
+            self._psycopg = {"connect_timeout": 5, **params, "autocommit": True}
+        self._local = threading.local()
+
+    def record(self, **delivery: Any) -> bool:
+        row = delivery_row(**delivery)
+        if self._psycopg is None:
+            return self._retry_once(lambda: _insert_sqlalchemy(self._engine, row))
+        return self._insert_psycopg(row)
+
+    def close(self) -> None:
+        conn = self._connection(create=False)
+        if conn is not None:
+            conn.close()
+
+    def _insert_psycopg(self, row: dict[str, Any]) -> bool:
+        params = [Json(row[c]) if c == "headers" else row[c] for c in COLUMNS]
+        conn = self._connection()  # a database that cannot be reached raises: 503
+        try:
+            return conn.execute(_PG_INSERT, params).fetchone() is not None
+        except psycopg.OperationalError:
+            if not conn.broken and not conn.closed:
+                raise
+        # A retry after a lost connection may find its own first INSERT committed: it then
+        # answers "duplicate" and the delivery is queued by beat's re-drive instead.
+        conn.close()
+        return self._connection().execute(_PG_INSERT, params).fetchone() is not None
+
+    def _connection(self, *, create: bool = True) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        # A connection opened before a fork (gunicorn's master) is not this process's to use.
+        if conn is not None and (conn.closed or local.pid != os.getpid()):
+            conn = None
+        if conn is None and create:
+            assert self._psycopg is not None
+            conn = psycopg.connect(**self._psycopg)
+            local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    @staticmethod
+    def _retry_once(insert: Any) -> bool:
+        try:
+            return bool(insert())
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+        return bool(insert())
+
+
+def record_delivery(engine: Engine, **delivery: Any) -> bool:
+    """Record one delivery through a recorder of its own (scripts and tests)."""
+    recorder = Recorder(engine)
     try:
-        return _insert(engine, values)
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-    # A retry after a lost connection may find its own first INSERT committed: it then
-    # answers "duplicate" and the delivery is queued by beat's re-drive instead.
-    return _insert(engine, values)
+        return recorder.record(**delivery)
+    finally:
+        recorder.close()
 
 
-def _insert(engine: Engine, values: dict[str, Any]) -> bool:
-    stmt = _insert_once(engine.dialect.name)
+@cache
+def _insert_once(dialect: str) -> Any:
+    # Built once: constructing the statement cost more CPU than running it.
+    insert = dialect_insert(dialect)(WebhookEvent).on_conflict_do_nothing()
+    return insert.returning(WebhookEvent.webhook_id)
+
+
+def _insert_sqlalchemy(engine: Engine, row: dict[str, Any]) -> bool:
     with engine.connect() as conn:
         autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-        return autocommit.execute(stmt, values).first() is not None
+        return autocommit.execute(_insert_once(engine.dialect.name), row).first() is not None

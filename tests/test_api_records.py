@@ -21,9 +21,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 def client(settings: Settings) -> Iterator[FlaskClient]:
     app = create_app(settings)
     yield app.test_client()
-    state = app.extensions["dodo"]
-    state.engine.dispose()
-    state.redis.close()
+    app.extensions["dodo"].close()
 
 
 @pytest.fixture

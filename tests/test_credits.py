@@ -373,8 +373,7 @@ class TestOrderChain:
 def client(settings: Settings) -> Iterator[FlaskClient]:
     app = create_app(settings)
     yield app.test_client()
-    app.extensions["dodo"].engine.dispose()
-    app.extensions["dodo"].redis.close()
+    app.extensions["dodo"].close()
 
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

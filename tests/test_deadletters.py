@@ -37,7 +37,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 def client(settings: Settings) -> Iterator[FlaskClient]:
     app = create_app(settings)
     yield app.test_client()
-    app.extensions["dodo"].engine.dispose()
+    app.extensions["dodo"].close()
 
 
 def queued(redis_url: str, queue: str) -> int:
@@ -273,7 +273,7 @@ class TestRetryDeadLetters:
         answer = app.test_client().post(
             "/api/dead-letters/retry", json={"ids": ["msg_1"]}, headers=AUTH
         )
-        app.extensions["dodo"].engine.dispose()
+        app.extensions["dodo"].close()
         assert answer.status_code == 200
         assert (answer.json["requeued"], answer.json["queued"]) == (1, 0)
         [note] = answer.json["notes"]

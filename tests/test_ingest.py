@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from ingest import create_app
 from ingest.app import APP_LOAD_ERROR
@@ -42,8 +42,7 @@ def make_app() -> Iterator[Callable[[Settings], Flask]]:
 
     yield make
     for app in apps:
-        app.extensions["dodo"].engine.dispose()
-        app.extensions["dodo"].redis.close()
+        app.extensions["dodo"].close()
 
 
 @pytest.fixture
@@ -146,6 +145,26 @@ class TestAcceptedDeliveries:
         assert metrics.deferred._value.get() - deferred == 10
         assert metrics.queued._value.get() == queued
         assert recorded(clean_db) == 10
+
+    def test_a_connection_the_server_dropped_is_replaced_without_a_503(
+        self, client: FlaskClient, clean_db: Engine
+    ) -> None:
+        first = BODY.replace("pay_1", "pay_before")
+        answer = client.post(URL, data=first, headers=signed_headers(first, webhook_id="m_a"))
+        assert answer.status_code == 202
+        with clean_db.connect() as conn:
+            # The recorder's connection among them: what a PostgreSQL restart or a proxy does.
+            ended = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+        assert ended >= 1
+        second = BODY.replace("pay_1", "pay_after")
+        answer = client.post(URL, data=second, headers=signed_headers(second, webhook_id="m_b"))
+        assert answer.status_code == 202
+        assert event_row(clean_db, "m_b").status == EventStatus.PENDING
 
     def test_database_down_answers_503_and_records_nothing(
         self, settings: Settings, make_app: Callable[[Settings], Flask]

@@ -46,8 +46,7 @@ bodies = st.one_of(st.binary(max_size=600), st.text(max_size=600).map(str.encode
 def app(settings: Settings) -> Iterator[Flask]:
     app = create_app(settings, check_connections=False)
     yield app
-    app.extensions["dodo"].engine.dispose()
-    app.extensions["dodo"].redis.close()
+    app.extensions["dodo"].close()
 
 
 @pytest.fixture

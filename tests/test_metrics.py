@@ -53,8 +53,7 @@ def ingest_client(settings: Settings) -> Iterator[FlaskClient]:
     try:
         yield app.test_client()
     finally:
-        app.extensions["dodo"].engine.dispose()
-        app.extensions["dodo"].redis.close()
+        app.extensions["dodo"].close()
 
 
 def scrape(client: FlaskClient) -> Samples:

@@ -84,8 +84,7 @@ def apply_directly(engine: Engine, deliveries: list[Sent]) -> None:
 def client(settings: Settings) -> Iterator[FlaskClient]:
     app = create_app(settings)
     yield app.test_client()
-    app.extensions["dodo"].engine.dispose()
-    app.extensions["dodo"].redis.close()
+    app.extensions["dodo"].close()
 
 
 class TestDirectHandlersAgainstReference:

@@ -260,7 +260,8 @@ class Stack:
                 "60",
                 "ingest:create_app()",
             ],
-            self.env,
+            # DEBUG: the `received` lines tell which deliveries a killed ingest never queued.
+            {**self.env, "LOG_LEVEL": "DEBUG"},
             self.logs,
         )
         proc = self.ingest
