@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -16,9 +16,10 @@ import sqlalchemy.exc
 from celery import Celery
 from sqlalchemy import Engine, text
 
-from shared.db import make_sessionmaker, utcnow
-from shared.models import Base, EventStatus
+from shared.db import make_sessionmaker, transaction, utcnow
+from shared.models import Base, EventStatus, Outcome
 from shared.queue import enqueue, make_celery
+from shared.samples import sample_event
 from shared.settings import load_settings
 from tests.dead_letter_support import (
     COUNT,
@@ -33,7 +34,7 @@ from tests.dead_letter_support import (
     wait_for_status,
 )
 from tests.support import ManagedProcess, service_env, wait_until
-from workers.tasks import backoff_seconds, claim_event, is_transient
+from workers.tasks import LostClaim, apply_event, backoff_seconds, claim_event, is_transient
 
 MAX_ATTEMPTS = int(FAST_RETRIES["MAX_ATTEMPTS"])
 FINAL = ("processed", "ignored", "dead")
@@ -227,7 +228,7 @@ class TestClaim:
     def test_after_attempt_claims_only_the_attempt_whose_failure_was_not_written(
         self, clean_db: Engine
     ) -> None:
-        factory = make_sessionmaker(clean_db)
+        claims = clean_db.execution_options(isolation_level="AUTOCOMMIT")
         store_event(
             clean_db,
             "msg_1",
@@ -237,19 +238,59 @@ class TestClaim:
             attempts=2,
             lease_expires_at=utcnow() + timedelta(minutes=5),
         )
-        assert claim_event(factory, "msg_1", 60, None) is None
-        assert claim_event(factory, "msg_1", 60, 1) is None
-        claim = claim_event(factory, "msg_1", 60, 2)
+        assert claim_event(claims, "msg_1", 60, None) is None
+        assert claim_event(claims, "msg_1", 60, 1) is None
+        claim = claim_event(claims, "msg_1", 60, 2)
         assert claim is not None
         assert (claim.attempt, claim.last_error) == (3, "RuntimeError: boom")
-        assert claim_event(factory, "msg_1", 60, 2) is None
+        assert claim_event(claims, "msg_1", 60, 2) is None
 
     def test_final_events_are_never_claimed(self, clean_db: Engine) -> None:
-        factory = make_sessionmaker(clean_db)
+        claims = clean_db.execution_options(isolation_level="AUTOCOMMIT")
         for status in (EventStatus.DEAD, EventStatus.PROCESSED, EventStatus.IGNORED):
             store_event(clean_db, f"msg_{status}", COUNT, status=status, attempts=1)
-            assert claim_event(factory, f"msg_{status}", 60, 1) is None
+            assert claim_event(claims, f"msg_{status}", 60, 1) is None
             assert event_row(clean_db, f"msg_{status}").attempts == 1
+
+
+class TestFence:
+    """apply_event, in-process: an attempt overtaken by another one commits no effect."""
+
+    def test_the_attempt_whose_lease_was_taken_over_rolls_back_its_effects(
+        self, clean_db: Engine
+    ) -> None:
+        at = datetime(2026, 1, 1, tzinfo=UTC)
+        body = json.dumps(sample_event("payment.succeeded", timestamp=at))
+        store_event(
+            clean_db,
+            "msg_f",
+            "payment.succeeded",
+            body=body,
+            status=EventStatus.PENDING,
+            attempts=0,
+            last_error=None,
+        )
+        claims = clean_db.execution_options(isolation_level="AUTOCOMMIT")
+        stale = claim_event(claims, "msg_f", 0, None)  # a lease that runs out at once
+        current = claim_event(claims, "msg_f", 60, None)
+        assert stale is not None and current is not None
+        assert (stale.attempt, current.attempt) == (1, 2)
+        factory = make_sessionmaker(clean_db)
+
+        with pytest.raises(LostClaim), transaction(factory) as session:
+            apply_event(session, stale)
+        assert rows(clean_db, "payments") == 0
+        assert event_row(clean_db, "msg_f").status == EventStatus.PROCESSING
+
+        with transaction(factory) as session:
+            assert apply_event(session, current) == (EventStatus.PROCESSED, Outcome.APPLIED)
+        assert rows(clean_db, "payments") == 1
+        assert event_row(clean_db, "msg_f").status == EventStatus.PROCESSED
+
+
+def rows(engine: Engine, table: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
 
 
 class TestBackoff:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -30,43 +29,64 @@ from workers.handlers import ROUTES, Delivery
 
 log = get_logger("worker")
 
-_engine: tuple[int, Engine, sessionmaker[Session]] | None = None
+
+@dataclass(frozen=True)
+class Database:
+    """This process's connections: sessions for applying, an autocommit engine for claims."""
+
+    pid: int
+    sessions: sessionmaker[Session]
+    claims: Engine
 
 
-def sessions() -> sessionmaker[Session]:
-    """This process's session factory; a forked pool child never reuses its parent's sockets."""
-    global _engine
-    if _engine is None or _engine[0] != os.getpid():
+_db: Database | None = None
+
+
+def database() -> Database:
+    """A forked pool child never reuses its parent's sockets."""
+    global _db
+    if _db is None or _db.pid != os.getpid():
         engine = make_engine(settings.database_url, **engine_options(settings))
-        _engine = (os.getpid(), engine, make_sessionmaker(engine))
-    return _engine[2]
+        claims = make_engine(settings.database_url, **engine_options(settings, claims=True))
+        _db = Database(os.getpid(), make_sessionmaker(engine), claims)
+    return _db
 
 
-def engine_options(config: Settings) -> dict[str, Any]:
+def engine_options(config: Settings, *, claims: bool = False) -> dict[str, Any]:
     """PostgreSQL ends a worker's transaction left idle (its process frozen) before the lease.
 
     A worker stopped mid-task (SIGSTOP, a paused VM, a hung process) keeps its transaction
-    open and with it the lock on the event's row: the lease runs out, but the re-drive skips
-    locked rows and a new claim would wait on it, so the event stayed `processing` for as
-    long as the process stayed frozen. With this timeout the server drops that session, the
+    open and with it the locks it took: the lease runs out, but the re-drive skips locked
+    rows and a new attempt would wait on them, so the event stayed `processing` for as long
+    as the process stayed frozen. With this timeout the server drops that session, the
     locks go, and the lease does its job; if the process wakes up, its connection is gone
     and the claim fencing (attempt number) makes it stand down.
+
+    The claims' engine is in autocommit, each claim one statement, and does not wait for
+    the WAL flush (`synchronous_commit=off`): a claim is a lease, not an effect. If the
+    server crashes and loses it, the event is `pending` or `retrying` as before and is
+    re-driven; the apply's own commit, synchronous, flushes the WAL that holds its claim.
     """
     # No ping per checkout: it was a round trip per transaction. A connection the server
     # dropped fails the claim, the first statement of a task, which retries without counting
     # an attempt; the pool then replaces its connections.
     options: dict[str, Any] = {"pool_pre_ping": False}
+    if claims:
+        options["isolation_level"] = "AUTOCOMMIT"
     if not config.database_url.startswith("postgresql"):
         return options
     timeout_ms = max(1000, config.lease_seconds * 1000 // 2)
-    options["connect_args"] = {"options": f"-c idle_in_transaction_session_timeout={timeout_ms}"}
+    server = f"-c idle_in_transaction_session_timeout={timeout_ms}"
+    if claims:
+        server += " -c synchronous_commit=off"
+    options["connect_args"] = {"options": server}
     return options
 
 
 @worker_process_init.connect
 def _fresh_engine_after_fork(**_: Any) -> None:
-    global _engine
-    _engine = None
+    global _db
+    _db = None
 
 
 @dataclass(frozen=True)
@@ -117,18 +137,14 @@ _CLAIM = (
         EVENTS.c.last_error,
     )
 )
-_HOLD = (
-    select(EVENTS.c.webhook_id)
+# Fenced: only the attempt that holds the claim finishes the event (apply_event).
+_FINISH = (
+    update(EVENTS)
     .where(
         EVENTS.c.webhook_id == bindparam("b_webhook_id"),
         EVENTS.c.status == EventStatus.PROCESSING,
         EVENTS.c.attempts == bindparam("b_attempt"),
     )
-    .with_for_update()
-)
-_FINISH = (
-    update(EVENTS)
-    .where(EVENTS.c.webhook_id == bindparam("b_webhook_id"))
     .values(
         status=bindparam("b_status"),
         outcome=bindparam("b_outcome"),
@@ -138,12 +154,17 @@ _FINISH = (
         processed_at=bindparam("b_now"),
     )
 )
+_OUTCOME = (
+    update(EVENTS)
+    .where(EVENTS.c.webhook_id == bindparam("b_webhook_id"))
+    .values(outcome=bindparam("b_outcome"))
+)
 
 
 def claim_event(
-    factory: sessionmaker[Session], webhook_id: str, lease_seconds: int, after_attempt: int | None
+    claims: Engine, webhook_id: str, lease_seconds: int, after_attempt: int | None
 ) -> Claim | None:
-    """Mark the event processing and count the attempt, committed at once (autocommit).
+    """Mark the event processing and count the attempt, committed at once (autocommit engine).
 
     Returns None when there is nothing to do: already final, or claimed by a live worker.
     """
@@ -154,10 +175,9 @@ def claim_event(
         "b_after_attempt": after_attempt,
         "b_lease_until": now + timedelta(seconds=lease_seconds),
     }
-    engine: Engine = factory.kw["bind"]
-    with engine.connect() as conn:
+    with claims.connect() as conn:
         # One statement is the whole transaction: one round trip, no BEGIN/COMMIT.
-        row = conn.execution_options(isolation_level="AUTOCOMMIT").execute(_CLAIM, params).first()
+        row = conn.execute(_CLAIM, params).first()
     if row is None:
         return None
     return Claim(
@@ -166,31 +186,45 @@ def claim_event(
 
 
 def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | None]:
-    """Run the routed handler and mark the event final, inside the caller's transaction."""
-    held = session.execute(
-        _HOLD, {"b_webhook_id": claim.webhook_id, "b_attempt": claim.attempt}
-    ).first()
-    if held is None:
-        raise LostClaim(claim.webhook_id)
+    """Mark the event final and run the routed handler, inside the caller's transaction.
+
+    The final UPDATE comes first: fenced on this attempt, it is also what holds the event's
+    row, locked until the transaction ends, while the handler runs. A claim of a later
+    attempt (the lease ran out: a handler waiting on a lock, a slow database) waits on that
+    lock instead of starting a second application beside this one, and the re-drive skips
+    the locked row; when this transaction commits, that claim finds the event final. If the
+    UPDATE matches nothing, another attempt took the event over: LostClaim, before any
+    effect. The order is invisible to everyone else: the status and the handler's effects
+    commit together or not at all.
+    """
     if claim.type is None:
         # Dead on arrival (not an event envelope) and retried by an operator: same verdict.
         read_envelope_head(claim.body)
     handler = ROUTES.get(claim.type or "")
     event = parse_event(claim.type, claim.body) if handler and claim.type else None
-    if handler is None or event is None or claim.event_at is None:
-        status, outcome = EventStatus.IGNORED, None
-    else:
-        delivery = Delivery(claim.webhook_id, claim.webhook_ts, claim.event_at)
-        status, outcome = EventStatus.PROCESSED, handler(session, event, delivery)
-    session.execute(
+    applies = handler is not None and event is not None and claim.event_at is not None
+    status = EventStatus.PROCESSED if applies else EventStatus.IGNORED
+    # The usual outcome, written now; corrected below when the handler says otherwise.
+    expected = Outcome.APPLIED if applies else None
+    finished = session.execute(
         _FINISH,
         {
             "b_webhook_id": claim.webhook_id,
+            "b_attempt": claim.attempt,
             "b_status": status,
-            "b_outcome": outcome,
+            "b_outcome": expected,
             "b_now": utcnow(),
         },
     )
+    if finished.rowcount == 0:  # type: ignore[attr-defined]
+        raise LostClaim(claim.webhook_id)
+    if not applies:
+        return status, None
+    assert handler is not None and claim.event_at is not None
+    delivery = Delivery(claim.webhook_id, claim.webhook_ts, claim.event_at)
+    outcome = handler(session, event, delivery)
+    if outcome != expected:
+        session.execute(_OUTCOME, {"b_webhook_id": claim.webhook_id, "b_outcome": outcome})
     return status, outcome
 
 
@@ -257,9 +291,10 @@ def describe(exc: BaseException) -> str:
 
 @app.task(name=PROCESS_EVENT, bind=True, max_retries=None, acks_late=True)
 def process_event(self: Task, webhook_id: str, after_attempt: int | None = None) -> str:
-    factory = sessions()
+    db = database()
+    factory = db.sessions
     try:
-        claim = claim_event(factory, webhook_id, settings.lease_seconds, after_attempt)
+        claim = claim_event(db.claims, webhook_id, settings.lease_seconds, after_attempt)
     except Exception as exc:
         # Nothing was claimed (database down?): ask again later, without counting an attempt.
         countdown = backoff_seconds(min(self.request.retries + 1, 16), settings)
@@ -294,15 +329,19 @@ def process_event(self: Task, webhook_id: str, after_attempt: int | None = None)
         if claim.attempt >= settings.max_attempts:
             return bury(self, factory, claim, error, fields)
         countdown = backoff_seconds(claim.attempt, settings)
-        # If this cannot be written, the retry message's after_attempt still lets it claim.
-        with contextlib.suppress(Exception):
-            settle_failure(
+        try:
+            held = settle_failure(
                 factory,
                 claim,
                 status=EventStatus.RETRYING,
                 error=error,
                 next_attempt_at=utcnow() + timedelta(seconds=countdown),
             )
+        except Exception:
+            # Not written: the retry message's after_attempt still lets it claim.
+            held = True
+        if not held:
+            return "skipped"  # another attempt took the event over meanwhile
         log_step(
             log,
             "retry",
@@ -335,7 +374,9 @@ def bury(
 ) -> str:
     """Mark the event dead with its error; if that cannot be written, come back to write it."""
     try:
-        settle_failure(factory, claim, status=EventStatus.DEAD, error=error, attempts=attempts)
+        held = settle_failure(
+            factory, claim, status=EventStatus.DEAD, error=error, attempts=attempts
+        )
     except Exception as exc:
         # The next claim of this attempt is past MAX_ATTEMPTS and buries it, error kept.
         log.warning(
@@ -348,6 +389,8 @@ def bury(
             countdown=backoff_seconds(1, settings),
             exc=exc,
         ) from None
+    if not held:
+        return "skipped"  # another attempt took the event over meanwhile
     log_step(log, "dead", level=logging.WARNING, error=error, **fields)
     return "dead"
 
@@ -357,8 +400,7 @@ def redrive() -> int:
     """Queue again what is recorded but not moving: pending, retrying past due, lease expired."""
     now = utcnow()
     stale = now - timedelta(seconds=settings.redrive_after_seconds)
-    factory = sessions()
-    with transaction(factory) as session:
+    with transaction(database().sessions) as session:
         rows = session.execute(
             select(WebhookEvent.webhook_id, WebhookEvent.type)
             .where(

@@ -2,69 +2,88 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from functools import cache
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import insert_for, utcnow
+from shared.db import dialect_insert, utcnow
 from shared.ledger import ChainLink, order_chain
 from shared.models import CreditBalance, CreditEntry, Outcome
 from shared.schemas import CreditBalanceLowEvent, CreditLedgerEvent
 from workers.handlers.base import Delivery, Handler
 
+BALANCES = cast(Table, CreditBalance.__table__)
+ENTRIES = cast(Table, CreditEntry.__table__)
+ACCOUNT = ("customer_id", "credit_entitlement_id")
 
-def _locked_balance(session: Session, customer_id: str, entitlement_id: str) -> CreditBalance:
+# Statements built once (building them per event cost more CPU than running them).
+_LOCK = (
+    select(BALANCES)
+    .where(*(BALANCES.c[name] == bindparam(name) for name in ACCOUNT))
+    .with_for_update()
+)
+_LEDGER = select(
+    ENTRIES.c.id,
+    ENTRIES.c.created_at,
+    ENTRIES.c.balance_before,
+    ENTRIES.c.balance_after,
+    ENTRIES.c.overage_before,
+    ENTRIES.c.overage_after,
+).where(*(ENTRIES.c[name] == bindparam(name) for name in ACCOUNT))
+# The SET clause is the columns given at execution; the key goes by these names.
+_UPDATE = update(BALANCES).where(
+    *(BALANCES.c[name] == bindparam(f"key_{name}") for name in ACCOUNT)
+)
+
+
+@cache
+def _create(dialect: str) -> Any:
+    return dialect_insert(dialect)(BALANCES).on_conflict_do_nothing(index_elements=list(ACCOUNT))
+
+
+@cache
+def _add_entry(dialect: str) -> Any:
+    insert = dialect_insert(dialect)(ENTRIES).on_conflict_do_nothing(index_elements=["id"])
+    return insert.returning(ENTRIES.c.id)
+
+
+def _locked_balance(session: Session, customer_id: str, entitlement_id: str) -> dict[str, Any]:
     """The account's balance row, created if new, locked until the transaction ends.
 
     Every writer to an account takes this lock first, so two workers adding entries to one
     account at the same moment apply them one after the other and neither is lost.
     """
-    insert = insert_for(session)
-    session.execute(
-        insert(CreditBalance)
-        .values(
-            customer_id=customer_id,
-            credit_entitlement_id=entitlement_id,
-            chain_ok=True,
-            entry_count=0,
-            updated_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["customer_id", "credit_entitlement_id"])
-    )
-    return session.execute(
-        select(CreditBalance)
-        .where(
-            CreditBalance.customer_id == customer_id,
-            CreditBalance.credit_entitlement_id == entitlement_id,
-        )
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
+    key = {"customer_id": customer_id, "credit_entitlement_id": entitlement_id}
+    row = session.execute(_LOCK, key).mappings().first()
+    if row is None:
+        new = {**key, "chain_ok": True, "entry_count": 0, "updated_at": utcnow()}
+        session.execute(_create(session.get_bind().dialect.name), new)
+        row = session.execute(_LOCK, key).mappings().one()
+    return dict(row)
 
 
-def recompute_balance(session: Session, balance: CreditBalance) -> None:
+def _save(session: Session, balance: dict[str, Any], changes: dict[str, Any]) -> None:
+    key = {f"key_{name}": balance[name] for name in ACCOUNT}
+    session.execute(_UPDATE, {**changes, "updated_at": utcnow(), **key})
+
+
+def recompute_balance(session: Session, customer_id: str, entitlement_id: str) -> dict[str, Any]:
     """Balance, overage and chain_ok from every entry the account holds."""
     rows = session.execute(
-        select(
-            CreditEntry.id,
-            CreditEntry.created_at,
-            CreditEntry.balance_before,
-            CreditEntry.balance_after,
-            CreditEntry.overage_before,
-            CreditEntry.overage_after,
-        ).where(
-            CreditEntry.customer_id == balance.customer_id,
-            CreditEntry.credit_entitlement_id == balance.credit_entitlement_id,
-        )
+        _LEDGER, {"customer_id": customer_id, "credit_entitlement_id": entitlement_id}
     ).all()
     chain = order_chain([ChainLink.of(row) for row in rows])
     newest = chain.newest
-    balance.entry_count = len(chain.entries)
-    balance.chain_ok = chain.ok
-    balance.balance = newest.balance_after if newest else None
-    balance.overage = newest.overage_after if newest else None
-    balance.last_entry_at = newest.created_at if newest else None
-    balance.last_entry_id = newest.id if newest else None
-    balance.updated_at = utcnow()
+    return {
+        "entry_count": len(chain.entries),
+        "chain_ok": chain.ok,
+        "balance": newest.balance_after if newest else None,
+        "overage": newest.overage_after if newest else None,
+        "last_entry_at": newest.created_at if newest else None,
+        "last_entry_id": newest.id if newest else None,
+    }
 
 
 def apply_credit_entry(session: Session, event: CreditLedgerEvent, delivery: Delivery) -> Outcome:
@@ -72,43 +91,45 @@ def apply_credit_entry(session: Session, event: CreditLedgerEvent, delivery: Del
     entry = event.data
     balance = _locked_balance(session, entry.customer_id, entry.credit_entitlement_id)
     inserted = session.execute(
-        insert_for(session)(CreditEntry)
-        .values(
-            id=entry.id,
-            customer_id=entry.customer_id,
-            credit_entitlement_id=entry.credit_entitlement_id,
-            transaction_type=entry.transaction_type,
-            event_type=event.type,
-            is_credit=entry.is_credit,
-            amount=entry.amount,
-            balance_before=entry.balance_before,
-            balance_after=entry.balance_after,
-            overage_before=entry.overage_before,
-            overage_after=entry.overage_after,
-            created_at=entry.created_at,
-            webhook_id=delivery.webhook_id,
-            data=entry.delivered,
-        )
-        .on_conflict_do_nothing(index_elements=["id"])
-        .returning(CreditEntry.id)
+        _add_entry(session.get_bind().dialect.name),
+        {
+            "id": entry.id,
+            "customer_id": entry.customer_id,
+            "credit_entitlement_id": entry.credit_entitlement_id,
+            "transaction_type": entry.transaction_type,
+            "event_type": event.type,
+            "is_credit": entry.is_credit,
+            "amount": entry.amount,
+            "balance_before": entry.balance_before,
+            "balance_after": entry.balance_after,
+            "overage_before": entry.overage_before,
+            "overage_after": entry.overage_after,
+            "created_at": entry.created_at,
+            "webhook_id": delivery.webhook_id,
+            "data": entry.delivered,
+        },
     ).first()
     if inserted is None:
         # The same entry delivered under another delivery id: it already counts.
         return Outcome.SUPERSEDED
-    if balance.last_entry_at is not None and entry.created_at > balance.last_entry_at:
+    newest_at = balance["last_entry_at"]
+    if newest_at is not None and entry.created_at > newest_at:
         # The usual case, an entry newer than all held: it extends the chain, so the
         # balance follows without reading the whole ledger again.
-        links = (entry.balance_before, entry.overage_before) == (balance.balance, balance.overage)
-        balance.chain_ok = balance.chain_ok and links
-        balance.balance = entry.balance_after
-        balance.overage = entry.overage_after
-        balance.last_entry_at = entry.created_at
-        balance.last_entry_id = entry.id
-        balance.entry_count += 1
-        balance.updated_at = utcnow()
+        held = (balance["balance"], balance["overage"])
+        links = (entry.balance_before, entry.overage_before) == held
+        changes = {
+            "chain_ok": balance["chain_ok"] and links,
+            "balance": entry.balance_after,
+            "overage": entry.overage_after,
+            "last_entry_at": entry.created_at,
+            "last_entry_id": entry.id,
+            "entry_count": balance["entry_count"] + 1,
+        }
     else:
         # Older than the newest, tied with it, or the first: the order may change anywhere.
-        recompute_balance(session, balance)
+        changes = recompute_balance(session, entry.customer_id, entry.credit_entitlement_id)
+    _save(session, balance, changes)
     return Outcome.APPLIED
 
 
@@ -118,17 +139,23 @@ def apply_balance_low(
     """Keep the alert that occurred last; an older one arriving late changes nothing."""
     alert = event.data
     balance = _locked_balance(session, alert.customer_id, alert.credit_entitlement_id)
-    if balance.alert_at is not None:
-        held = (balance.alert_at, balance.alert_webhook_ts or 0, balance.alert_webhook_id or "")
+    if balance["alert_at"] is not None:
+        held = (
+            balance["alert_at"],
+            balance["alert_webhook_ts"] or 0,
+            balance["alert_webhook_id"] or "",
+        )
         if delivery.order_key <= held:
             return Outcome.SUPERSEDED
-    balance.alert_available_balance = alert.available_balance
-    balance.alert_threshold_percent = alert.threshold_percent
-    balance.alert_threshold_amount = alert.threshold_amount
-    balance.alert_at = delivery.event_at
-    balance.alert_webhook_ts = delivery.webhook_ts
-    balance.alert_webhook_id = delivery.webhook_id
-    balance.updated_at = utcnow()
+    changes = {
+        "alert_available_balance": alert.available_balance,
+        "alert_threshold_percent": alert.threshold_percent,
+        "alert_threshold_amount": alert.threshold_amount,
+        "alert_at": delivery.event_at,
+        "alert_webhook_ts": delivery.webhook_ts,
+        "alert_webhook_id": delivery.webhook_id,
+    }
+    _save(session, balance, changes)
     return Outcome.APPLIED
 
 

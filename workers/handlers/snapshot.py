@@ -1,17 +1,20 @@
-"""Snapshot rows: lock the entity, keep the state of the event that occurred last."""
+"""Snapshot rows: keep the state of the event that occurred last, in one statement."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from functools import cache
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import inspect, select
+from sqlalchemy import ColumnElement, Table, bindparam, inspect, select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.db import insert_for, utcnow
+from shared.db import dialect_insert, utcnow
 from shared.models import Base, Outcome, SnapshotMixin
 from workers.handlers.base import Delivery
 
 Row = TypeVar("Row", bound=SnapshotMixin)
+
+ORDER_COLUMNS = ("last_event_at", "last_webhook_ts", "last_webhook_id")
 
 
 def apply_snapshot(
@@ -26,11 +29,11 @@ def apply_snapshot(
 ) -> Outcome:
     """Write `state` to the entity's row unless the row holds an event that occurred later.
 
-    The row is created with `INSERT ... ON CONFLICT DO NOTHING` and then locked with
-    `SELECT ... FOR UPDATE`, so two workers applying events of one entity at once are
-    serialised on that row: the second one compares its order key with what the first
-    committed, and no update is lost. Applying the delivery that already holds the row
-    again changes nothing.
+    One `INSERT ... ON CONFLICT DO UPDATE ... WHERE held order key < this one's`: the row is
+    created, or locked and overwritten, or left alone, in one round trip. Two workers applying
+    events of one entity at once are serialised on the row lock the upsert takes, and the
+    second compares its order key with what the first committed, so no update is lost.
+    Applying the delivery that already holds the row again changes nothing.
     """
     values: dict[str, Any] = {
         **key,
@@ -42,30 +45,52 @@ def apply_snapshot(
         "data": delivered,
         "updated_at": utcnow(),
     }
-    table = inspect(model).local_table
-    insert = insert_for(session)
-    created = session.execute(
-        insert(table).values(values).on_conflict_do_nothing().returning(*table.primary_key)
-    ).first()
-    if created is not None:
+    dialect = session.get_bind().dialect.name
+    table = _table(model)
+    if session.execute(_upsert(dialect, table, tuple(values)), values).first() is not None:
         return Outcome.APPLIED
-    row = session.execute(
-        select(model).filter_by(**key).with_for_update().execution_options(populate_existing=True)
-    ).scalar_one()
-    held = (row.last_event_at, row.last_webhook_ts, row.last_webhook_id)
-    if delivery.order_key < held:
-        return Outcome.SUPERSEDED
-    if delivery.order_key > held:
-        for name, value in values.items():
-            setattr(row, name, value)
-        session.flush()
-    return Outcome.APPLIED
+    # Left alone: a later event holds the row, or this very delivery does (a replay).
+    held = session.execute(_held_key(table), key).one()
+    return Outcome.APPLIED if tuple(held) == delivery.order_key else Outcome.SUPERSEDED
 
 
 def record_history(session: Session, model: type[Base], values: dict[str, Any]) -> None:
     """One history row per delivery (`webhook_id` is unique): a repeat adds nothing."""
-    insert = insert_for(session)
-    table = inspect(model).local_table
-    session.execute(
-        insert(table).values(values).on_conflict_do_nothing(index_elements=["webhook_id"])
-    )
+    dialect = session.get_bind().dialect.name
+    session.execute(_insert_once(dialect, _table(model)), values)
+
+
+def _table(model: type[Any]) -> Table:
+    return cast(Table, inspect(model).local_table)
+
+
+@cache
+def _upsert(dialect: str, table: Table, columns: tuple[str, ...]) -> Any:
+    """Built once per table and column set: building it cost more CPU than running it."""
+    insert = dialect_insert(dialect)(table)
+    keys = [c.name for c in table.primary_key]
+
+    def order_key(source: Any) -> ColumnElement[Any]:
+        at, ts, webhook_id = (source[name] for name in ORDER_COLUMNS)
+        if dialect == "postgresql":
+            # Code point order, as Python compares the ids, whatever the database's collation.
+            webhook_id = webhook_id.collate("C")
+        return tuple_(at, ts, webhook_id)
+
+    return insert.on_conflict_do_update(
+        index_elements=keys,
+        set_={name: insert.excluded[name] for name in columns if name not in keys},
+        where=order_key(table.c) < order_key(insert.excluded),
+    ).returning(*table.primary_key)
+
+
+@cache
+def _held_key(table: Table) -> Any:
+    """The held order key, read under the lock the upsert took (still held: same transaction)."""
+    keys = [table.c[c.name] == bindparam(c.name) for c in table.primary_key]
+    return select(*(table.c[name] for name in ORDER_COLUMNS)).where(*keys)
+
+
+@cache
+def _insert_once(dialect: str, table: Table) -> Any:
+    return dialect_insert(dialect)(table).on_conflict_do_nothing(index_elements=["webhook_id"])
