@@ -86,8 +86,9 @@ def connect(
 ) -> tuple[list[str], Engine, redis.Redis]:
     """The secrets, the engine and the Redis client, or a ConfigError naming the variable."""
     secrets = settings.require_webhook_key()
-    # No ping per checkout (a round trip on every request); the Recorder retries once.
-    engine = make_engine(settings.database_url, pool_pre_ping=False)
+    # Deliveries go through the Recorder's own connection; this pool serves the API, the
+    # metrics and the health checks, which can afford a ping on checkout.
+    engine = make_engine(settings.database_url)
     redis_client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=2, socket_connect_timeout=2
     )

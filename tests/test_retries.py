@@ -228,7 +228,7 @@ class TestClaim:
     def test_after_attempt_claims_only_the_attempt_whose_failure_was_not_written(
         self, clean_db: Engine
     ) -> None:
-        claims = clean_db.execution_options(isolation_level="AUTOCOMMIT")
+        factory = make_sessionmaker(clean_db)
         store_event(
             clean_db,
             "msg_1",
@@ -238,18 +238,18 @@ class TestClaim:
             attempts=2,
             lease_expires_at=utcnow() + timedelta(minutes=5),
         )
-        assert claim_event(claims, "msg_1", 60, None) is None
-        assert claim_event(claims, "msg_1", 60, 1) is None
-        claim = claim_event(claims, "msg_1", 60, 2)
+        assert claim_event(factory, "msg_1", 60, None) is None
+        assert claim_event(factory, "msg_1", 60, 1) is None
+        claim = claim_event(factory, "msg_1", 60, 2)
         assert claim is not None
         assert (claim.attempt, claim.last_error) == (3, "RuntimeError: boom")
-        assert claim_event(claims, "msg_1", 60, 2) is None
+        assert claim_event(factory, "msg_1", 60, 2) is None
 
     def test_final_events_are_never_claimed(self, clean_db: Engine) -> None:
-        claims = clean_db.execution_options(isolation_level="AUTOCOMMIT")
+        factory = make_sessionmaker(clean_db)
         for status in (EventStatus.DEAD, EventStatus.PROCESSED, EventStatus.IGNORED):
             store_event(clean_db, f"msg_{status}", COUNT, status=status, attempts=1)
-            assert claim_event(claims, f"msg_{status}", 60, 1) is None
+            assert claim_event(factory, f"msg_{status}", 60, 1) is None
             assert event_row(clean_db, f"msg_{status}").attempts == 1
 
 
@@ -270,12 +270,11 @@ class TestFence:
             attempts=0,
             last_error=None,
         )
-        claims = clean_db.execution_options(isolation_level="AUTOCOMMIT")
-        stale = claim_event(claims, "msg_f", 0, None)  # a lease that runs out at once
-        current = claim_event(claims, "msg_f", 60, None)
+        factory = make_sessionmaker(clean_db)
+        stale = claim_event(factory, "msg_f", 0, None)  # a lease that runs out at once
+        current = claim_event(factory, "msg_f", 60, None)
         assert stale is not None and current is not None
         assert (stale.attempt, current.attempt) == (1, 2)
-        factory = make_sessionmaker(clean_db)
 
         with pytest.raises(LostClaim), transaction(factory) as session:
             apply_event(session, stale)
