@@ -202,9 +202,10 @@ def run_wrk(
     argv = ["wrk", "-t", str(cfg.threads), "-c", str(connections), "-d", f"{int(cfg.duration)}s"]
     argv += ["--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--", str(prefix)]
     workers = stack.children(server_pid)
-    cpu_before = stack.cpu_seconds(workers)
+    cpu_before, pg_before = stack.cpu_seconds(workers), stack.postgres_cpu_seconds()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=cfg.duration + 120)
     cpu_used = stack.cpu_seconds(workers) - cpu_before
+    pg_used = stack.postgres_cpu_seconds() - pg_before
     for k in range(cfg.threads):
         Path(f"{prefix}.{k}").unlink(missing_ok=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
@@ -216,6 +217,8 @@ def run_wrk(
     result["requests_per_s"] = result["requests"] / seconds
     # CPU of the gunicorn workers per answered request: steadier than a rate on a shared box.
     result["worker_cpu_ms_per_request"] = 1000 * cpu_used / max(result["requests"], 1)
+    # PostgreSQL's share of the same two cores (the floor uses none).
+    result["postgres_cpu_ms_per_request"] = 1000 * pg_used / max(result["requests"], 1)
     return result
 
 
@@ -346,6 +349,9 @@ def summarize_ingest(
                     [r["worker_cpu_ms_per_request"] for r in runs["ingest"]],
                     [r["worker_cpu_ms_per_request"] for r in runs["floor"]],
                 )
+            ),
+            "ingest_postgres_cpu_ms_per_request": spread(
+                [r["postgres_cpu_ms_per_request"] for r in runs["ingest"]]
             ),
             "ingest_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["ingest"]]),
             "floor_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["floor"]]),
@@ -478,7 +484,7 @@ def drain(
     with stack.celery_worker(app, workers, svc.env(), svc.log_dir, name) as proc:
         started = time.monotonic()
         processes = [proc.pid, *stack.children(proc.pid)]
-        cpu_before = stack.cpu_seconds(processes)
+        cpu_before, pg_before = stack.cpu_seconds(processes), stack.postgres_cpu_seconds()
         deadline = started + max(300.0, n / 5)
         finished = None
         while time.monotonic() < deadline:
@@ -487,6 +493,7 @@ def drain(
                 break
             time.sleep(0.1)
         cpu_used = stack.cpu_seconds(processes) - cpu_before
+        pg_used = stack.postgres_cpu_seconds() - pg_before
         pool = stack.children(proc.pid)
         rss = {
             "main_kib": stack.peak_rss_kib(proc.pid),
@@ -500,6 +507,8 @@ def drain(
         "events_per_s": n / elapsed if finished else float("nan"),
         # Celery main process and pool children; the database's own CPU is not in it.
         "worker_cpu_ms_per_event": 1000 * cpu_used / n,
+        # The database's, its polling by this bench included (product only).
+        "postgres_cpu_ms_per_event": 1000 * pg_used / n,
         "peak_rss": rss,
     }
 
@@ -556,6 +565,9 @@ def e2e_phase(cfg: Config, svc: Services) -> dict[str, Any]:
             ),
             "floor_cpu_ms_per_event": spread(
                 [r["worker_cpu_ms_per_event"] for r in by_kind["floor"]]
+            ),
+            "product_postgres_cpu_ms_per_event": spread(
+                [r["postgres_cpu_ms_per_event"] for r in by_kind["product"]]
             ),
             "all_complete": all(r["complete"] for r in by_kind["product"] + by_kind["floor"]),
             "peak_rss": {
@@ -643,6 +655,13 @@ def table(results: dict[str, Any]) -> str:
             f"  {c:>5}  {fmt(row['ingest_cpu_ms_per_request'], 2):>22}  "
             f"{fmt(row['floor_cpu_ms_per_request'], 2):>22}  {fmt(row['cpu_ratio'], 1):>18}"
         )
+    lines.append(
+        "  PostgreSQL's CPU per ingest request, same cores (ms): "
+        + ", ".join(
+            f"-c {c} {fmt(row['ingest_postgres_cpu_ms_per_request'], 2)}"
+            for c, row in ing["saturation"].items()
+        )
+    )
     lines += [
         "",
         "Ingest latency at fixed offered rates (open loop, ms from scheduled send)",
@@ -674,6 +693,12 @@ def table(results: dict[str, Any]) -> str:
             f"{w}w {fmt(row['product_cpu_ms_per_event'], 2)} vs floor "
             f"{fmt(row['floor_cpu_ms_per_event'], 2)}"
             for w, row in e2e.items()
+        )
+    )
+    lines.append(
+        "  PostgreSQL's CPU per event (ms): "
+        + ", ".join(
+            f"{w}w {fmt(row['product_postgres_cpu_ms_per_event'], 2)}" for w, row in e2e.items()
         )
     )
     rss = results["peak_rss_mib"]

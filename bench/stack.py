@@ -110,6 +110,27 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU time of every PostgreSQL process on the machine so far, backends that have exited
+    included (they are in their postmaster's children's time, cutime + cstime)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            parent = Path(f"/proc/{fields[1]}/comm").read_text().strip()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+        if parent != "postgres":  # a postmaster
+            total += int(fields[13]) + int(fields[14])
+    return total / ticks
+
+
 def peak_rss_kib(pid: int) -> int | None:
     """VmHWM: the most resident memory the process ever had."""
     try:

@@ -72,6 +72,10 @@ class TestBenchQuickRun:
         e2e = printed["e2e"]["1"]
         assert e2e["all_complete"] is True
         assert is_number(e2e["ratio"]["median"]) and e2e["ratio"]["median"] > 0
+        # PostgreSQL shares the cores with what is measured: its CPU is reported beside it.
+        saturation = next(iter(printed["ingest"]["saturation"].values()))
+        assert saturation["ingest_postgres_cpu_ms_per_request"]["median"] > 0
+        assert e2e["product_postgres_cpu_ms_per_event"]["median"] > 0
         statuses = e2e["runs"]["product"][0]["statuses"]
         assert sum(v for k, v in statuses.items() if k in ("processed", "ignored", "dead")) == 40
         assert set(printed["peak_rss_mib"]) >= {"ingest_worker", "celery_main", "celery_pool_child"}
