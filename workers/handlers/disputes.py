@@ -7,12 +7,12 @@ from sqlalchemy.orm import Session
 from shared.models import Dispute, DisputeHistory, Outcome
 from shared.schemas import DisputeEvent
 from workers.handlers.base import Delivery, Handler
-from workers.handlers.snapshot import apply_snapshot, record_history
+from workers.handlers.snapshot import apply_snapshot
 
 
 def apply_dispute_event(session: Session, event: DisputeEvent, delivery: Delivery) -> Outcome:
     dispute = event.data
-    outcome = apply_snapshot(
+    return apply_snapshot(
         session,
         Dispute,
         {"dispute_id": dispute.dispute_id},
@@ -26,22 +26,20 @@ def apply_dispute_event(session: Session, event: DisputeEvent, delivery: Deliver
         event_type=event.type,
         delivered=dispute.delivered,
         delivery=delivery,
+        # Kept even when superseded: the history is every status, in occurrence order.
+        history=(
+            DisputeHistory,
+            {
+                "dispute_id": dispute.dispute_id,
+                "webhook_id": delivery.webhook_id,
+                "type": event.type,
+                "dispute_status": dispute.dispute_status,
+                "dispute_stage": dispute.dispute_stage,
+                "event_at": delivery.event_at,
+                "webhook_ts": delivery.webhook_ts,
+            },
+        ),
     )
-    # Kept even when superseded: the history is every status, in occurrence order.
-    record_history(
-        session,
-        DisputeHistory,
-        {
-            "dispute_id": dispute.dispute_id,
-            "webhook_id": delivery.webhook_id,
-            "type": event.type,
-            "dispute_status": dispute.dispute_status,
-            "dispute_stage": dispute.dispute_stage,
-            "event_at": delivery.event_at,
-            "webhook_ts": delivery.webhook_ts,
-        },
-    )
-    return outcome
 
 
 ROUTES: dict[str, Handler] = {

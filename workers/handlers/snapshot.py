@@ -26,6 +26,7 @@ def apply_snapshot(
     event_type: str,
     delivered: dict[str, Any],
     delivery: Delivery,
+    history: tuple[type[Base], dict[str, Any]] | None = None,
 ) -> Outcome:
     """Write `state` to the entity's row unless the row holds an event that occurred later.
 
@@ -34,6 +35,10 @@ def apply_snapshot(
     events of one entity at once are serialised on the row lock the upsert takes, and the
     second compares its order key with what the first committed, so no update is lost.
     Applying the delivery that already holds the row again changes nothing.
+
+    `history`, a history model and its row, is recorded as `record_history` does, whatever
+    the outcome; on PostgreSQL in the same statement (a data-modifying CTE), elsewhere (SQLite
+    has no such CTE) in a statement of its own.
     """
     values: dict[str, Any] = {
         **key,
@@ -47,7 +52,15 @@ def apply_snapshot(
     }
     dialect = session.get_bind().dialect.name
     table = _table(model)
-    if session.execute(_upsert(dialect, table, tuple(values)), values).first() is not None:
+    upsert = _upsert(dialect, table, tuple(values))
+    params = values
+    if history is not None and dialect == "postgresql":
+        history_model, row = history
+        upsert = _with_history(upsert, _table(history_model), tuple(row))
+        params = {**values, **{f"{HISTORY_PREFIX}{k}": v for k, v in row.items()}}
+    elif history is not None:
+        record_history(session, *history)
+    if session.execute(upsert, params).first() is not None:
         return Outcome.APPLIED
     # Left alone: a later event holds the row, or this very delivery does (a replay).
     held = session.execute(_held_key(table), key).one()
@@ -82,6 +95,17 @@ def _upsert(dialect: str, table: Table, columns: tuple[str, ...]) -> Any:
         set_={name: insert.excluded[name] for name in columns if name not in keys},
         where=order_key(table.c) < order_key(insert.excluded),
     ).returning(*table.primary_key)
+
+
+HISTORY_PREFIX = "history_"
+
+
+@cache
+def _with_history(upsert: Any, history: Table, columns: tuple[str, ...]) -> Any:
+    """The upsert, writing the history row first in a CTE: one round trip for both."""
+    values: dict[str, Any] = {name: bindparam(f"{HISTORY_PREFIX}{name}") for name in columns}
+    insert = dialect_insert("postgresql")(history).values(values)
+    return upsert.add_cte(insert.on_conflict_do_nothing(index_elements=["webhook_id"]).cte())
 
 
 @cache

@@ -7,14 +7,14 @@ from sqlalchemy.orm import Session
 from shared.models import Outcome, Subscription, SubscriptionHistory
 from shared.schemas import SubscriptionEvent
 from workers.handlers.base import Delivery, Handler
-from workers.handlers.snapshot import apply_snapshot, record_history
+from workers.handlers.snapshot import apply_snapshot
 
 
 def apply_subscription_event(
     session: Session, event: SubscriptionEvent, delivery: Delivery
 ) -> Outcome:
     subscription = event.data
-    outcome = apply_snapshot(
+    return apply_snapshot(
         session,
         Subscription,
         {"subscription_id": subscription.subscription_id},
@@ -31,22 +31,20 @@ def apply_subscription_event(
         event_type=event.type,
         delivered=subscription.delivered,
         delivery=delivery,
+        history=(
+            SubscriptionHistory,
+            {
+                "subscription_id": subscription.subscription_id,
+                "webhook_id": delivery.webhook_id,
+                "type": event.type,
+                "status": subscription.status,
+                "product_id": subscription.product_id,
+                "quantity": subscription.quantity,
+                "event_at": delivery.event_at,
+                "webhook_ts": delivery.webhook_ts,
+            },
+        ),
     )
-    record_history(
-        session,
-        SubscriptionHistory,
-        {
-            "subscription_id": subscription.subscription_id,
-            "webhook_id": delivery.webhook_id,
-            "type": event.type,
-            "status": subscription.status,
-            "product_id": subscription.product_id,
-            "quantity": subscription.quantity,
-            "event_at": delivery.event_at,
-            "webhook_ts": delivery.webhook_ts,
-        },
-    )
-    return outcome
 
 
 ROUTES: dict[str, Handler] = {
