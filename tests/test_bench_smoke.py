@@ -116,11 +116,11 @@ class TestProfileAttribution:
     def test_a_sample_is_charged_to_the_product_step_not_the_framework_around_it(self) -> None:
         raw = (
             "run (gunicorn/arbiter.py:1);receive (ingest/webhooks.py:49);"
-            "record_delivery (ingest/recording.py:41);Cursor.execute (psycopg/cursor.py:113) 3\n"
+            "_insert_psycopg (ingest/recording.py:110);Cursor.execute (psycopg/cursor.py:113) 3\n"
             "run (gunicorn/arbiter.py:1);SyncWorker.handle (gunicorn/workers/sync.py:141) 1\n"
         )
         shares = attribute(raw, INGEST_STEPS)
-        assert shares["record INSERT: execute (round trip)"] == 75.0
+        assert shares["record INSERT: execute (psycopg, round trip)"] == 75.0
         assert shares["gunicorn: accept, parse, write"] == 25.0
         assert shares["samples"] == 4
 
