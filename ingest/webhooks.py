@@ -90,7 +90,7 @@ def receive() -> tuple[Response, int]:
             extra={"step": "queue_failed", **fields},
         )
     else:
-        # Not sent: Redis failed a moment ago and the ingest is in its quiet period.
+        # `deferred`: not sent, as Redis failed a moment ago (the ingest's quiet period).
         log_step(log, "queued" if sent else "deferred", **fields)
     if sent:
         metrics.queued.inc()

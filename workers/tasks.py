@@ -29,7 +29,6 @@ from workers.handlers import ROUTES, Delivery
 
 log = get_logger("worker")
 
-
 _engine: tuple[int, Engine, sessionmaker[Session]] | None = None
 
 
@@ -206,9 +205,8 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
     )
     if finished.rowcount == 0:  # type: ignore[attr-defined]
         raise LostClaim(claim.webhook_id)
-    if not applies:
-        return status, None
-    assert handler is not None and claim.event_at is not None
+    if handler is None or event is None or claim.event_at is None:
+        return status, None  # ignored
     delivery = Delivery(claim.webhook_id, claim.webhook_ts, claim.event_at)
     outcome = handler(session, event, delivery)
     if outcome != expected:
