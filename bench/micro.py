@@ -10,7 +10,9 @@ the steps in isolation, so the sum is not the request: gunicorn and Flask come o
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -24,7 +26,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from bench.deliveries import Delivery, signed_deliveries
-from bench.run import Config, services
+from bench.floor_app import create_app as create_floor_app
+from bench.run import Config, record_and_queue, services
+from ingest import create_app
 from ingest.recording import Recorder, _insert_sqlalchemy, delivery_row
 from ingest.verify import Verifier
 from shared.catalog import queue_for
@@ -40,6 +44,29 @@ RAW_INSERT = (
     " event_at, received_at, enqueued_at) VALUES (%s, %s, 'pending', 0, %s, %s, %s, %s, now(),"
     " now()) ON CONFLICT DO NOTHING RETURNING webhook_id"
 )
+
+
+def call_wsgi(app: Any, delivery: Delivery) -> str:
+    """POST the delivery to a WSGI app as gunicorn would hand it over; the status line."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/webhooks/dodo",
+        "SERVER_NAME": "micro",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(delivery.body),
+        "wsgi.errors": sys.stderr,
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(delivery.body)),
+    }
+    for name, value in delivery.headers.items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    statuses: list[str] = []
+    answer = app(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    b"".join(answer)
+    getattr(answer, "close", lambda: None)()
+    return statuses[0]
 
 
 def measure(calls: int, step: Callable[[int], object]) -> tuple[float, float]:
@@ -82,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             dodo_payments_webhook_key=svc.secret,
             _env_file=None,
         )
-        deliveries: list[Delivery] = list(signed_deliveries(n * 12, svc.secret, run="m"))
+        deliveries: list[Delivery] = list(signed_deliveries(n * 15, svc.secret, run="m"))
         verifier = Verifier([svc.secret])
         engine = make_engine(svc.db_url)
         no_ping = make_engine(svc.db_url, pool_pre_ping=False)
@@ -114,6 +141,31 @@ def main(argv: list[str] | None = None) -> int:
 
         def through_sqlalchemy(e: object) -> Callable[[int], object]:
             return lambda i: _insert_sqlalchemy(e, delivery_row(**fields(i)))  # type: ignore[arg-type]
+
+        # The whole request, in this process: the ingest app and the floor app, no gunicorn.
+        os.environ.update(svc.env())
+        apps = {"ingest": create_app(settings), "floor": create_floor_app()}
+
+        def request(name: str) -> Callable[[int], object]:
+            def step(i: int) -> object:
+                status = call_wsgi(apps[name], deliveries[i + offset[0]])
+                # 202; 200 once, when the first call repeats the warm-up's delivery.
+                assert status.startswith(("202", "200")), status
+                return status
+
+            return step
+
+        # The worker's own part of a task, without Celery: claim and apply recorded events of
+        # the bench mix (the rows are written at the warm-up call).
+        events = list(signed_deliveries(n + 1, svc.secret, run="w"))
+
+        def worker(i: int) -> object:
+            from workers.tasks import process_event  # reads the environment set above
+
+            if i == 0 and not svc.recorded():
+                record_and_queue(svc, events)
+                svc.redis.flushdb()
+            return process_event.run(events[i].webhook_id)
 
         # A log line's cost, written to a file as gunicorn's stderr would be, not to a terminal.
         configure_logging("INFO")
@@ -175,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 "bare redis LPUSH of a ~1 KB message",
                 lambda i: svc.redis.lpush("micro", deliveries[i].body),
             ),
+            ("ingest app, one delivery, in process (no gunicorn)", request("ingest")),
+            ("floor app, one delivery, in process (no gunicorn)", request("floor")),
+            ("worker: claim + apply one event of the mix (no Celery)", worker),
         ]
         for label, step in variants:
             step(0)  # warm: imports, first connection, statement cache
@@ -183,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             with engine.begin() as conn:
                 conn.execute(text("TRUNCATE webhook_events"))
         producer.release()
+        apps["ingest"].extensions["dodo"].close()
         recorder.close()
         log_file.close()
         raw.close()
