@@ -70,11 +70,11 @@ class Recorder:
 
     The one INSERT is the whole transaction, in autocommit: one round trip, answered by
     PostgreSQL after the commit reached the WAL. On PostgreSQL it runs on a psycopg connection
-    the recorder holds per process and thread, not through SQLAlchemy: the request's other
-    work costs less than SQLAlchemy's checkout, reset and execution path did (docs/performance.md).
-    A connection the server dropped is found on use, and the INSERT, idempotent on its key, is
-    tried once more on a fresh one. Other databases (SQLite for `dodo-webhooks dev`) go
-    through the engine.
+    the recorder holds per process and thread, not through SQLAlchemy, whose checkout,
+    autocommit switch, execution path and reset cost as much CPU as the statement itself
+    (docs/performance.md). A connection the server dropped is found on use, and the INSERT,
+    idempotent on its key, is tried once more on a fresh one. Other databases (SQLite for
+    `dodo-webhooks dev`) go through the engine.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -93,6 +93,7 @@ class Recorder:
         return self._insert_psycopg(row)
 
     def close(self) -> None:
+        """Close this thread's connection (the others close with their process)."""
         conn = self._connection(create=False)
         if conn is not None:
             conn.close()
