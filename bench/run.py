@@ -260,7 +260,7 @@ def settle(port: int, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
-def worker_peaks(gunicorn: stack.Process) -> dict[str, Any]:
+def worker_peaks(gunicorn: stack.ManagedProcess) -> dict[str, Any]:
     workers = stack.children(gunicorn.pid)
     peaks = [p for p in (stack.peak_rss_kib(pid) for pid in workers) if p is not None]
     return {"master_kib": stack.peak_rss_kib(gunicorn.pid), "workers_kib": peaks}

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+# One copy of the process helpers for the tests and the bench (re-exported for bench.run).
+from tests.support import ROOT as ROOT
+from tests.support import VENV_BIN as VENV_BIN
+from tests.support import ManagedProcess as ManagedProcess
+from tests.support import free_port, wait_until
+
 PG_ADMIN_URL = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -33,61 +32,18 @@ GUNICORN_WORKERS = min(2 * len(os.sched_getaffinity(0)) + 1, 8)
 CELERY_FLAGS = ["--without-gossip", "--without-mingle", "--loglevel=INFO"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# How long a stopped process gets between SIGTERM and SIGKILL; how often a wait polls.
+STOP_TIMEOUT = 20.0
+POLL = 0.05
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception as exc:  # the thing waited for may not answer yet
-            last, value = exc, None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what}: {last}")
-
-
-class Process:
-    """A child process in its own session, its output in a log file."""
-
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            argv,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
-            except ProcessLookupError:
-                pass
-        self._log.close()
+@contextmanager
+def log_on_timeout(proc: ManagedProcess) -> Iterator[None]:
+    """A process that did not come up fails the run with the tail of its log."""
+    try:
+        yield
+    except AssertionError as exc:  # tests.support.wait_until's timeout
+        raise RuntimeError(f"{exc}\n--- {proc.log_path}:\n{proc.output()[-3000:]}") from None
 
 
 def children(pid: int) -> list[int]:
@@ -170,25 +126,26 @@ def redis_server(log_dir: Path) -> Iterator[str]:
     data.mkdir(exist_ok=True)
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
     argv += ["--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"]
-    proc = Process(f"redis-{port}", argv, {}, log_dir)
+    proc = ManagedProcess(f"redis-{port}", argv, {}, log_dir)
     try:
         client = redis.Redis(port=port)
-        wait_until(client.ping, timeout=15, what=f"redis-server on port {port}")
+        with log_on_timeout(proc):
+            wait_until(client.ping, timeout=15, interval=POLL, what=f"redis-server on port {port}")
         client.close()
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.stop()
+        proc.stop(timeout=STOP_TIMEOUT)
 
 
 @contextmanager
 def gunicorn(
     app: str, env: Mapping[str, str], log_dir: Path, name: str, workers: int = GUNICORN_WORKERS
-) -> Iterator[Process]:
+) -> Iterator[ManagedProcess]:
     """`gunicorn <app> -w N` with GUNICORN_FLAGS, on a free port (`proc.port`)."""
     port = free_port()
     argv = [str(VENV_BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", str(workers)]
     argv += [*GUNICORN_FLAGS, app]
-    proc = Process(f"gunicorn-{name}", argv, env, log_dir)
+    proc = ManagedProcess(f"gunicorn-{name}", argv, env, log_dir)
     proc.port = port  # type: ignore[attr-defined]
     try:
 
@@ -197,39 +154,40 @@ def gunicorn(
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
                 return sock.recv(64).startswith(b"HTTP/1.1 200")
 
-        try:
+        with log_on_timeout(proc):
             wait_until(
-                lambda: proc.proc.poll() is None and up(), timeout=60, what=f"gunicorn {name}"
+                lambda: proc.proc.poll() is None and up(),
+                timeout=60,
+                interval=POLL,
+                what=f"gunicorn {name}",
             )
             wait_until(
                 lambda: len(children(proc.pid)) >= workers,
                 timeout=30,
+                interval=POLL,
                 what=f"gunicorn {name} workers",
             )
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n--- {proc.log_path}:\n{proc.output()[-3000:]}") from None
         yield proc
     finally:
-        proc.stop()
+        proc.stop(timeout=STOP_TIMEOUT)
 
 
 @contextmanager
 def celery_worker(
     app: str, concurrency: int, env: Mapping[str, str], log_dir: Path, name: str
-) -> Iterator[Process]:
+) -> Iterator[ManagedProcess]:
     """`celery -A <app> worker -c N` (prefork); yields once it logged `ready.`."""
     argv = [str(VENV_BIN / "celery"), "-A", app, "worker", "-n", f"{name}@%h"]
     argv += ["-c", str(concurrency), "-P", "prefork", *CELERY_FLAGS]
-    proc = Process(f"celery-{name}", argv, env, log_dir)
+    proc = ManagedProcess(f"celery-{name}", argv, env, log_dir)
     try:
-        try:
+        with log_on_timeout(proc):
             wait_until(
                 lambda: proc.proc.poll() is None and " ready." in proc.output(),
                 timeout=120,
+                interval=POLL,
                 what=f"celery worker {name}",
             )
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n--- {proc.log_path}:\n{proc.output()[-3000:]}") from None
         yield proc
     finally:
-        proc.stop()
+        proc.stop(timeout=STOP_TIMEOUT)
