@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -103,6 +104,15 @@ def wait_for_status(
         what=f"{webhook_id} to be {' or '.join(statuses)}",
     )
     return event_row(engine, webhook_id)
+
+
+def queued(redis_url: str, queue: str) -> int:
+    """Messages waiting in one of the broker's queues."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.llen(queue))
+    finally:
+        client.close()
 
 
 def hours_ago(hours: float) -> datetime:

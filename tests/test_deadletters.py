@@ -24,6 +24,7 @@ from tests.dead_letter_support import (
     event_row,
     hours_ago,
     make_counter,
+    queued,
     routes_worker,
     store_event,
     wait_for_status,
@@ -38,14 +39,6 @@ def client(settings: Settings) -> Iterator[FlaskClient]:
     app = create_app(settings)
     yield app.test_client()
     app.extensions["dodo"].close()
-
-
-def queued(redis_url: str, queue: str) -> int:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        return int(client.llen(queue))
-    finally:
-        client.close()
 
 
 class TestFilters:

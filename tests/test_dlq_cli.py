@@ -10,12 +10,11 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import Engine
 
 from shared.cli import main
 from shared.models import EventStatus
-from tests.dead_letter_support import event_row, hours_ago, store_event
+from tests.dead_letter_support import event_row, hours_ago, queued, store_event
 from tests.support import ROOT, VENV_BIN, free_port
 
 
@@ -57,14 +56,6 @@ class Cli:
             text=True,
             timeout=60,
         )
-
-
-def queued(redis_url: str, queue: str) -> int:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        return int(client.llen(queue))
-    finally:
-        client.close()
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
