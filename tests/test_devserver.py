@@ -59,30 +59,29 @@ def banner_value(output: str, label: str) -> str:
     raise AssertionError(f"{label!r} not in the dev server's output:\n{output}")
 
 
+def start_dev(name: str, port: int, data_dir: Path, log_dir: Path) -> ManagedProcess:
+    """`dodo-webhooks dev` as the README runs it, once its banner is printed."""
+    argv = [str(VENV_BIN / "dodo-webhooks"), "dev", "--port", str(port)]
+    dev = ManagedProcess(name, [*argv, "--data-dir", str(data_dir)], DEV_ENV, log_dir)
+    try:
+        wait_until(
+            lambda: "Ctrl-C stops everything" in dev.output(),
+            timeout=90,
+            what=f"the dev banner; output:\n{dev.output()}",
+        )
+    except BaseException:
+        dev.stop(signal.SIGKILL)
+        raise
+    return dev
+
+
 class TestDevCommand:
     def test_sent_event_is_processed_and_ctrl_c_stops_every_child(self, tmp_path: Path) -> None:
         """The README's path: dev, send-test, look at the event, Ctrl-C; nothing left behind."""
         data_dir = tmp_path / "data"
         port = free_port()
-        dev = ManagedProcess(
-            "dev",
-            [
-                str(VENV_BIN / "dodo-webhooks"),
-                "dev",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(data_dir),
-            ],
-            DEV_ENV,
-            tmp_path,
-        )
+        dev = start_dev("dev", port, data_dir, tmp_path)
         try:
-            wait_until(
-                lambda: "Ctrl-C stops everything" in dev.output(),
-                timeout=90,
-                what=f"the dev banner; output:\n{dev.output()}",
-            )
             output = dev.output()
             assert banner_value(output, "webhook URL") == f"http://127.0.0.1:{port}/webhooks/dodo"
             token = banner_value(output, "admin token")
@@ -137,25 +136,8 @@ class TestDevCommand:
         """SIGKILL gives `dev` no chance to clean up: the children must notice on their own."""
         port = free_port()
         children: set[int] = set()
-        dev = ManagedProcess(
-            "dev-killed",
-            [
-                str(VENV_BIN / "dodo-webhooks"),
-                "dev",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(tmp_path),
-            ],
-            DEV_ENV,
-            tmp_path,
-        )
+        dev = start_dev("dev-killed", port, tmp_path, tmp_path)
         try:
-            wait_until(
-                lambda: "Ctrl-C stops everything" in dev.output(),
-                timeout=90,
-                what=f"the dev banner; output:\n{dev.output()}",
-            )
             children = descendants(dev.pid)
             assert children
             os.kill(dev.pid, signal.SIGKILL)
