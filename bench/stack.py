@@ -5,20 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import redis
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 # One copy of the process helpers for the tests and the bench (re-exported for bench.run).
 from tests.support import ROOT as ROOT
 from tests.support import VENV_BIN as VENV_BIN
 from tests.support import ManagedProcess as ManagedProcess
-from tests.support import free_port, wait_until
+from tests.support import free_port, throwaway_database, wait_until
 
 PG_ADMIN_URL = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -101,20 +98,8 @@ def peak_rss_kib(pid: int) -> int | None:
 @contextmanager
 def bench_database() -> Iterator[str]:
     """A fresh `dodo_bench_<random>` database, migrated, dropped afterwards."""
-    from shared.migrate import upgrade
-
-    name = f"dodo_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
+    with throwaway_database(PG_ADMIN_URL, "dodo_bench") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager

@@ -8,20 +8,25 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, text
 
 from shared.db import make_engine
-from shared.migrate import upgrade
 from shared.models import Base
 from shared.settings import Settings, load_settings
-from tests.support import ADMIN_TOKEN, OLD_SECRET, SECRET, free_port, service_env, wait_until
+from tests.support import (
+    ADMIN_TOKEN,
+    OLD_SECRET,
+    SECRET,
+    free_port,
+    service_env,
+    throwaway_database,
+    wait_until,
+)
 
 PG_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -31,16 +36,8 @@ PG_ADMIN_URL = os.environ.get(
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh database on the local PostgreSQL, migrated with Alembic, dropped at the end."""
-    name = f"dodo_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_database(PG_ADMIN_URL, "dodo_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

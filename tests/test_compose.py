@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -27,7 +26,7 @@ import pytest
 import redis
 import requests
 import yaml
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine, make_url
 
 from shared.catalog import EVENT_QUEUES, MAINTENANCE_QUEUE
@@ -45,6 +44,7 @@ from tests.support import (
     envelope,
     free_port,
     signed_headers,
+    throwaway_database,
     wait_until,
 )
 
@@ -442,14 +442,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def empty_database() -> Iterator[str]:
     """A database with no schema at all: what `migrate` finds on a first `docker compose up`."""
-    name = f"dodo_compose_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_database(PG_ADMIN_URL, "dodo_compose", migrated=False) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
