@@ -196,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             ),
             ("envelope parse (pydantic)", lambda i: read_envelope_head(deliveries[i].body)),
             (
-                "record: Recorder, psycopg, autocommit (the ingest)",
+                "record: Recorder, prepared, libpq call (the ingest)",
                 lambda i: recorder.record(**fields(i)),
             ),
             ("record through SQLAlchemy, autocommit (SQLite's path)", through_sqlalchemy(no_ping)),
             ("record through SQLAlchemy, pre-ping + transaction (before)", in_transaction),
-            ("raw psycopg INSERT ... RETURNING, autocommit", raw_insert),
+            ("psycopg conn.execute INSERT ... RETURNING (before)", raw_insert),
             (
                 "publish: DirectPublisher, one LPUSH (the ingest)",
                 lambda i: publisher.send(deliveries[i].webhook_id, deliveries[i].event_type),

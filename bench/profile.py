@@ -53,6 +53,8 @@ INGEST_STEPS: list[Rule] = [
     ("gunicorn: idle, waiting for a connection", lambda s: "SyncWorker.wait" in s),
     ("verify signature (standardwebhooks, HMAC)", within("ingest/verify.py")),
     ("envelope parse (pydantic)", within("read_envelope_head")),
+    # libpq's PQexecPrepared is native code: its samples stop at the recorder's own frame.
+    ("record INSERT: prepared, libpq (round trip)", within("ingest/recording.py", "_exec_insert")),
     *db_detail("ingest/recording.py", "record INSERT"),
     ("publish: one LPUSH (shared/queue.py DirectPublisher)", within("ingest/signal.py")),
     ("logging (JSON lines)", lambda s: "log_step" in s or "logging/__init__" in s),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from datetime import datetime
@@ -9,7 +10,9 @@ from functools import cache
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Json
+import psycopg.errors
+from psycopg import pq
+from psycopg.pq.abc import PGresult
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -30,12 +33,14 @@ COLUMNS = (
     "received_at",
     "enqueued_at",
 )
-# `%b`: the body goes as binary bytea, not hex-escaped text.
+# Prepared once per connection; `$6`, the body, goes as binary bytea, not hex-escaped text.
 _PG_INSERT = (
     f"INSERT INTO {WebhookEvent.__tablename__} ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join('%b' if c == 'body' else '%s' for c in COLUMNS)}) "
+    f"VALUES ({', '.join(f'${n}' for n in range(1, len(COLUMNS) + 1))}) "
     "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
-)
+).encode()
+_PG_STATEMENT = b"dodo_record_delivery"
+_PG_FORMATS = [1 if c == "body" else 0 for c in COLUMNS]
 
 
 def delivery_row(
@@ -70,10 +75,11 @@ class Recorder:
 
     The one INSERT is the whole transaction, in autocommit: one round trip, answered by
     PostgreSQL after the commit reached the WAL. On PostgreSQL it runs on a psycopg connection
-    the recorder holds per process and thread, not through SQLAlchemy, whose checkout,
-    autocommit switch, execution path and reset cost as much CPU as the statement itself
-    (docs/performance.md). A connection the server dropped is found on use, and the INSERT,
-    idempotent on its key, is tried once more on a fresh one. Other databases (SQLite for
+    the recorder holds per process and thread, as a statement prepared once per connection,
+    not through SQLAlchemy, whose checkout, autocommit switch, execution path and reset cost
+    as much CPU as the statement itself (docs/performance.md). A connection the server
+    dropped is found on use, and the INSERT, idempotent on its key, is tried once more on a
+    fresh one. Other databases (SQLite for
     `dodo-webhooks dev`) go through the engine.
     """
 
@@ -99,17 +105,17 @@ class Recorder:
             conn.close()
 
     def _insert_psycopg(self, row: dict[str, Any]) -> bool:
-        params = [Json(row[c]) if c == "headers" else row[c] for c in COLUMNS]
+        params = [_pg_param(c, row[c]) for c in COLUMNS]
         conn = self._connection()  # a database that cannot be reached raises: 503
         try:
-            return conn.execute(_PG_INSERT, params).fetchone() is not None
+            return _exec_insert(conn, params)
         except psycopg.OperationalError:
-            if not conn.broken and not conn.closed:
+            if conn.pgconn.status == pq.ConnStatus.OK:
                 raise
         # A retry after a lost connection may find its own first INSERT committed: it then
         # answers "duplicate" and the delivery is queued by beat's re-drive instead.
         conn.close()
-        return self._connection().execute(_PG_INSERT, params).fetchone() is not None
+        return _exec_insert(self._connection(), params)
 
     def _connection(self, *, create: bool = True) -> Any:
         local = self._local
@@ -120,6 +126,11 @@ class Recorder:
         if conn is None and create:
             assert self._psycopg is not None
             conn = psycopg.connect(**self._psycopg)
+            try:
+                _check(conn, conn.pgconn.prepare(_PG_STATEMENT, _PG_INSERT))
+            except Exception:
+                conn.close()  # e.g. the table is not there yet: the next delivery tries again
+                raise
             local.conn, local.pid = conn, os.getpid()
         return conn
 
@@ -131,6 +142,40 @@ class Recorder:
             if not exc.connection_invalidated:
                 raise
         return bool(insert())
+
+
+def _pg_param(column: str, value: Any) -> bytes | None:
+    """A column's value as PostgreSQL's text input (the body as is: binary format)."""
+    if value is None or column == "body":
+        return value  # type: ignore[no-any-return]
+    if column == "headers":
+        return json.dumps(value).encode()
+    if isinstance(value, datetime):
+        return value.isoformat().encode()
+    return str(value).encode()
+
+
+def _exec_insert(conn: psycopg.Connection[Any], params: list[bytes | None]) -> bool:
+    """One PQexecPrepared of the INSERT; True when it inserted the row.
+
+    libpq's call through psycopg.pq rather than `conn.execute`: psycopg's cursor, query
+    conversion and adapters cost twice the CPU of the round trip itself (docs/performance.md).
+    """
+    # A None parameter is SQL NULL (libpq's NULL pointer), which psycopg's stub leaves out.
+    result = conn.pgconn.exec_prepared(_PG_STATEMENT, params, _PG_FORMATS)  # type: ignore[arg-type]
+    _check(conn, result)
+    return result.ntuples > 0
+
+
+def _check(conn: psycopg.Connection[Any], result: PGresult) -> None:
+    """Raise what psycopg would for a failed result: OperationalError for a lost connection."""
+    if result.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        return
+    if conn.pgconn.status != pq.ConnStatus.OK:
+        raise psycopg.OperationalError(
+            result.error_message.decode(errors="replace").strip() or "connection lost"
+        )
+    raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
 
 
 def record_delivery(engine: Engine, **delivery: Any) -> bool:

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from flask import Flask
@@ -15,6 +15,7 @@ from sqlalchemy import Engine, func, select, text
 
 from ingest import create_app
 from ingest.app import APP_LOAD_ERROR
+from ingest.recording import record_delivery
 from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
 from tests.support import (
@@ -78,6 +79,40 @@ class TestAcceptedDeliveries:
         assert row.type == "payment.succeeded"
         assert bytes(row.body) == BODY.encode()
         assert row.event_at == datetime(2026, 1, 1, tzinfo=UTC)
+        sent = signed_headers(BODY, webhook_id="msg_1")
+        assert row.webhook_ts == int(sent["webhook-timestamp"])
+        assert row.headers["webhook-id"] == "msg_1"
+        assert row.attempts == 0
+        assert row.last_error is None
+        assert row.received_at == row.enqueued_at
+        assert abs(datetime.now(UTC) - row.received_at) < timedelta(minutes=1)
+
+    def test_the_recorder_stores_every_value_as_given(self, clean_db: Engine) -> None:
+        """Bytes that are not UTF-8, quotes and non-ASCII in headers, an instant in another zone."""
+        body = b'{"a": "\\u00e9"}\x00\xff\xfe'
+        headers = {"webhook-id": 'msg_"q"\\', "x-note": "café ✓"}
+        at = datetime(2026, 3, 1, 12, 0, tzinfo=timezone(timedelta(hours=-5)))
+        fields = {
+            "webhook_id": 'msg_"q"\\',
+            "webhook_ts": 1_767_225_600,
+            "headers": headers,
+            "body": body,
+            "event_type": "payment.succeeded",
+            "event_at": at,
+        }
+        assert record_delivery(clean_db, **fields) is True
+        assert record_delivery(clean_db, **fields) is False  # the same id again: a duplicate
+        row = event_row(clean_db, 'msg_"q"\\')
+        assert bytes(row.body) == body
+        assert row.headers == headers
+        assert row.event_at == datetime(2026, 3, 1, 17, 0, tzinfo=UTC)
+        assert row.webhook_ts == 1_767_225_600
+        assert row.status == EventStatus.PENDING
+        dead = {**fields, "webhook_id": "msg_dead", "event_type": None, "event_at": None}
+        assert record_delivery(clean_db, **dead, dead_reason="not an envelope") is True
+        row = event_row(clean_db, "msg_dead")
+        assert (row.status, row.last_error, row.type) == (EventStatus.DEAD, "not an envelope", None)
+        assert row.enqueued_at is None
 
     def test_duplicate_is_answered_200_and_creates_nothing_new(
         self, client: FlaskClient, clean_db: Engine
