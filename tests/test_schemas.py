@@ -129,6 +129,12 @@ class TestEventSchemas:
         with pytest.raises(EventValidationError, match="NUL"):
             parse_sample("subscription.active", **{field: "a\x00b"})
 
+    def test_the_text_backslash_u0000_is_not_a_nul(self) -> None:
+        # A backslash, then "u0000": JSON `"a\\\\u0000b"`, whose bytes contain `\\u0000`.
+        event = parse_sample("subscription.active", metadata_note="a\\u0000b")
+        assert event is not None
+        assert event.data.delivered["metadata_note"] == "a\\u0000b"
+
     def test_id_longer_than_its_column_is_refused(self) -> None:
         with pytest.raises(EventValidationError, match="refund_id"):
             parse_sample("refund.failed", refund_id="r" * 256)

@@ -100,7 +100,9 @@ _CLAIM = (
     .where(
         EVENTS.c.webhook_id == bindparam("b_webhook_id"),
         or_(
-            EVENTS.c.status.in_([EventStatus.PENDING, EventStatus.RETRYING]),
+            # Two comparisons, not IN (...): SQLAlchemy expands a list parameter on every run.
+            EVENTS.c.status == EventStatus.PENDING,
+            EVENTS.c.status == EventStatus.RETRYING,
             (EVENTS.c.status == EventStatus.PROCESSING)
             & (EVENTS.c.lease_expires_at < bindparam("b_now")),
             # The retry of an attempt whose failure could not be written (database down);
