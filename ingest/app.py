@@ -39,6 +39,7 @@ class IngestState:
     def close(self) -> None:
         """Close the app's connections (tests, and anything that makes apps on the fly)."""
         self.recorder.close()
+        self.signal.close()
         self.engine.dispose()
         self.redis.close()
 

@@ -26,6 +26,10 @@ class QueueSignal:
         self._cooldown = cooldown
         self._quiet_until = 0.0
 
+    def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+
     def send(self, webhook_id: str, event_type: str | None) -> bool:
         """True when published; False when skipped in the quiet period. Raises on failure."""
         if time.monotonic() < self._quiet_until:

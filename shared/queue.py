@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import socket
+import threading
 import uuid
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -160,10 +161,17 @@ class DirectPublisher:
 
     Only for a plain `redis://`/`rediss://` broker, which kombu's Redis transport serves from
     a list named after the queue (priority 0, no key prefix); `enqueue` covers the rest.
+
+    The LPUSH goes over a connection held per process and thread, with the client's settings,
+    not through the client's pool, whose checkout polls the socket (a system call) and whose
+    retry wrapper cost as much CPU as the command (docs/performance.md). A connection the
+    server closed (Redis restarted) is replaced and the push tried once more, as the client
+    would; a second LPUSH of the same signal is harmless, the worker's claim is idempotent.
     """
 
     def __init__(self, client: redis.Redis, app: Celery) -> None:
-        self._client = client
+        self._pool = client.connection_pool
+        self._local = threading.local()
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self._reply_to = str(app.thread_oid)
 
@@ -176,4 +184,35 @@ class DirectPublisher:
         message = process_event_message(
             webhook_id, queue, origin=self._origin, reply_to=self._reply_to
         )
-        self._client.lpush(queue, message)
+        try:
+            self._lpush(queue, message)
+        except redis.ConnectionError:
+            self._lpush(queue, message)  # on a new connection; refused again, it raises
+
+    def close(self) -> None:
+        """Close this thread's connection (the others close with their process)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.disconnect()
+            self._local.conn = None
+
+    def _lpush(self, queue: str, message: bytes) -> None:
+        conn = self._connection()
+        try:
+            conn.send_command("LPUSH", queue, message)  # type: ignore[no-untyped-call]
+            conn.read_response()
+        except redis.ResponseError:
+            raise  # Redis answered (out of memory, say): the connection is in step
+        except BaseException:
+            # A command half sent or an answer unread: the connection is not reusable.
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
+
+    def _connection(self) -> redis.Connection:
+        local = self._local
+        conn: redis.Connection | None = getattr(local, "conn", None)
+        # A connection made before a fork is the parent's; it connects on first use.
+        if conn is None or local.pid != os.getpid():
+            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+            local.conn, local.pid = conn, os.getpid()
+        return conn

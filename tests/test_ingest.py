@@ -16,6 +16,7 @@ from sqlalchemy import Engine, func, select, text
 from ingest import create_app
 from ingest.app import APP_LOAD_ERROR
 from ingest.recording import record_delivery
+from shared.catalog import queue_for
 from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
 from tests.support import (
@@ -156,30 +157,51 @@ class TestAcceptedDeliveries:
         assert event_row(clean_db, "msg_noq").status == EventStatus.PENDING
 
     def test_with_redis_unreachable_only_the_first_delivery_tries_to_publish(
-        self, settings: Settings, clean_db: Engine, make_app: Callable[[Settings], Flask]
+        self,
+        settings: Settings,
+        clean_db: Engine,
+        make_app: Callable[[Settings], Flask],
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """Publishing to a dead Redis costs seconds; paid once, not on every delivery."""
         app = make_app(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
         metrics = app.extensions["dodo"].metrics
         deferred, queued = metrics.deferred._value.get(), metrics.queued._value.get()
         client = app.test_client()
+        publisher = app.extensions["dodo"].signal._direct
         attempts = []
-        redis_client = app.extensions["dodo"].redis
-        original = redis_client.lpush
+        original = publisher._lpush
 
-        def counting_lpush(*args: object) -> object:
+        def counting_lpush(*args: object) -> None:
             attempts.append(args)
-            return original(*args)
+            original(*args)
 
-        redis_client.lpush = counting_lpush
+        monkeypatch.setattr(publisher, "_lpush", counting_lpush)
         for n in range(10):
             body = BODY.replace("pay_1", f"pay_{n}")
             answer = client.post(URL, data=body, headers=signed_headers(body, webhook_id=f"m{n}"))
             assert answer.status_code == 202
-        assert len(attempts) == 1
+        assert len(attempts) == 2  # the first delivery's push and its one retry, refused
         assert metrics.deferred._value.get() - deferred == 10
         assert metrics.queued._value.get() == queued
         assert recorded(clean_db) == 10
+
+    def test_a_redis_connection_the_server_closed_is_replaced_and_the_delivery_queued(
+        self, app: Flask, clean_db: Engine
+    ) -> None:
+        client = app.test_client()
+        state = app.extensions["dodo"]
+        first = BODY.replace("pay_1", "pay_r1")
+        assert client.post(URL, data=first, headers=signed_headers(first, webhook_id="r1"))
+        # What a Redis restart does to the publisher's connection, and every other one.
+        killed = state.redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "no")
+        assert killed >= 1
+        queued = state.metrics.queued._value.get()
+        second = BODY.replace("pay_1", "pay_r2")
+        answer = client.post(URL, data=second, headers=signed_headers(second, webhook_id="r2"))
+        assert answer.status_code == 202
+        assert state.metrics.queued._value.get() == queued + 1  # sent, not deferred
+        assert state.redis.llen(queue_for("payment.succeeded")) == 2
 
     def test_a_connection_the_server_dropped_is_replaced_without_a_503(
         self, client: FlaskClient, clean_db: Engine
