@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             ("record through SQLAlchemy, pre-ping + transaction (before)", in_transaction),
             ("psycopg conn.execute INSERT ... RETURNING (before)", raw_insert),
             (
-                "publish: DirectPublisher, one LPUSH (the ingest)",
+                "publish: DirectPublisher, LPUSH on a held connection (the ingest)",
                 lambda i: publisher.send(deliveries[i].webhook_id, deliveries[i].event_type),
             ),
             (
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             ),
             (
-                "bare redis LPUSH of a ~1 KB message",
+                "client.lpush of a ~1 KB message (pool checkout, retry wrapper)",
                 lambda i: svc.redis.lpush("micro", deliveries[i].body),
             ),
             ("ingest app, one delivery, in process (no gunicorn)", request("ingest")),
