@@ -7,10 +7,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, DateTime, Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import TypeDecorator
 
 
@@ -88,3 +89,31 @@ def dialect_insert(dialect: str) -> Any:
 def insert_for(bind: Session | Engine) -> Any:
     """The INSERT of the dialect `bind` talks to."""
     return dialect_insert((bind.get_bind() if isinstance(bind, Session) else bind).dialect.name)
+
+
+_DRIVER_SQL: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {}
+
+
+def run_prebuilt(
+    conn: Connection, statement: Executable, params: dict[str, Any]
+) -> CursorResult[Any]:
+    """Run a statement built once at import; on PostgreSQL, as its SQL text compiled once.
+
+    `Connection.execute` processes a compiled statement's parameters and result types on every
+    run: 145 µs of CPU for the worker's finish UPDATE on the development VM, 96 µs through
+    `exec_driver_sql`, which keeps SQLAlchemy's error handling and pool invalidation
+    (docs/performance.md). Only for statements whose parameters and results need no type
+    processing on PostgreSQL: text, numbers, aware datetimes (a result's zone is the
+    session's, not UTC). Other databases (SQLite for `dodo-webhooks dev`) take `execute`.
+    """
+    if conn.dialect.name != "postgresql":
+        return conn.execute(statement, params)
+    key = (id(statement), conn.dialect.name)
+    compiled = _DRIVER_SQL.get(key)
+    if compiled is None:
+        built = statement.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
+        # The statement's own constants (the status values of a WHERE, say) come with it.
+        constants = {n: b.effective_value for n, b in built.binds.items() if not b.required}
+        compiled = _DRIVER_SQL[key] = (built.string, constants)
+    sql, constants = compiled
+    return conn.exec_driver_sql(sql, {**constants, **params})

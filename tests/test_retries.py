@@ -14,7 +14,7 @@ import pytest
 import redis
 import sqlalchemy.exc
 from celery import Celery
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from shared.db import make_sessionmaker, transaction, utcnow
 from shared.models import Base, EventStatus, Outcome
@@ -244,6 +244,33 @@ class TestClaim:
         assert claim is not None
         assert (claim.attempt, claim.last_error) == (3, "RuntimeError: boom")
         assert claim_event(factory, "msg_1", 60, 2) is None
+
+    def test_a_claim_reads_the_row_as_stored_and_in_utc_whatever_the_session_zone(
+        self, clean_db: Engine
+    ) -> None:
+        at = datetime(2026, 1, 1, tzinfo=UTC)  # store_event's event_at and webhook-timestamp
+        body = json.dumps(sample_event("payment.succeeded", timestamp=at))
+        store_event(
+            clean_db,
+            "msg_z",
+            "payment.succeeded",
+            body=body,
+            status=EventStatus.PENDING,
+            attempts=0,
+            last_error=None,
+        )
+        # A server or role whose TimeZone is not UTC answers timestamptz in that zone.
+        kolkata = create_engine(clean_db.url, connect_args={"options": "-c timezone=Asia/Kolkata"})
+        try:
+            claim = claim_event(make_sessionmaker(kolkata), "msg_z", 60, None)
+        finally:
+            kolkata.dispose()
+        assert claim is not None
+        assert claim.event_at == at
+        assert claim.event_at.utcoffset() == timedelta(0)
+        assert (claim.type, claim.attempt) == ("payment.succeeded", 1)
+        assert claim.webhook_ts == int(at.timestamp())
+        assert claim.body == body.encode()
 
     def test_final_events_are_never_claimed(self, clean_db: Engine) -> None:
         factory = make_sessionmaker(clean_db)

@@ -6,7 +6,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy.exc
@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import Engine, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import make_engine, make_sessionmaker, transaction, utcnow
+from shared.db import make_engine, make_sessionmaker, run_prebuilt, transaction, utcnow
 from shared.envelope import EnvelopeError, read_envelope_head
 from shared.logs import get_logger, log_step
 from shared.models import EventStatus, Outcome, WebhookEvent
@@ -166,11 +166,19 @@ def claim_event(
     engine: Engine = factory.kw["bind"]
     with engine.connect() as conn:
         # One statement is the whole transaction: one round trip, no BEGIN/COMMIT.
-        row = conn.execution_options(isolation_level="AUTOCOMMIT").execute(_CLAIM, params).first()
+        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+        row = run_prebuilt(autocommit, _CLAIM, params).first()
     if row is None:
         return None
+    event_at = row.event_at.astimezone(UTC) if row.event_at is not None else None
     return Claim(
-        webhook_id, row.type, row.body, row.attempts, row.webhook_ts, row.event_at, row.last_error
+        webhook_id,
+        row.type,
+        bytes(row.body),
+        row.attempts,
+        row.webhook_ts,
+        event_at,
+        row.last_error,
     )
 
 
@@ -195,7 +203,8 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
     status = EventStatus.PROCESSED if applies else EventStatus.IGNORED
     # The usual outcome, written now; corrected below when the handler says otherwise.
     expected = Outcome.APPLIED if applies else None
-    finished = session.execute(
+    finished = run_prebuilt(
+        session.connection(),
         _FINISH,
         {
             "b_webhook_id": claim.webhook_id,
@@ -205,7 +214,7 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
             "b_now": utcnow(),
         },
     )
-    if finished.rowcount == 0:  # type: ignore[attr-defined]
+    if finished.rowcount == 0:
         raise LostClaim(claim.webhook_id)
     if handler is None or event is None or claim.event_at is None:
         return status, None  # ignored
