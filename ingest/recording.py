@@ -79,8 +79,7 @@ class Recorder:
     not through SQLAlchemy, whose checkout, autocommit switch, execution path and reset cost
     as much CPU as the statement itself (docs/performance.md). A connection the server
     dropped is found on use, and the INSERT, idempotent on its key, is tried once more on a
-    fresh one. Other databases (SQLite for
-    `dodo-webhooks dev`) go through the engine.
+    fresh one. Other databases (SQLite for `dodo-webhooks dev`) go through the engine.
     """
 
     def __init__(self, engine: Engine) -> None:
