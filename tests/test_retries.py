@@ -248,17 +248,7 @@ class TestClaim:
     def test_a_claim_reads_the_row_as_stored_and_in_utc_whatever_the_session_zone(
         self, clean_db: Engine
     ) -> None:
-        at = datetime(2026, 1, 1, tzinfo=UTC)  # store_event's event_at and webhook-timestamp
-        body = json.dumps(sample_event("payment.succeeded", timestamp=at))
-        store_event(
-            clean_db,
-            "msg_z",
-            "payment.succeeded",
-            body=body,
-            status=EventStatus.PENDING,
-            attempts=0,
-            last_error=None,
-        )
+        at, body = pending_payment(clean_db, "msg_z")
         # A server or role whose TimeZone is not UTC answers timestamptz in that zone.
         kolkata = create_engine(clean_db.url, connect_args={"options": "-c timezone=Asia/Kolkata"})
         try:
@@ -286,17 +276,7 @@ class TestFence:
     def test_the_attempt_whose_lease_was_taken_over_rolls_back_its_effects(
         self, clean_db: Engine
     ) -> None:
-        at = datetime(2026, 1, 1, tzinfo=UTC)
-        body = json.dumps(sample_event("payment.succeeded", timestamp=at))
-        store_event(
-            clean_db,
-            "msg_f",
-            "payment.succeeded",
-            body=body,
-            status=EventStatus.PENDING,
-            attempts=0,
-            last_error=None,
-        )
+        pending_payment(clean_db, "msg_f")
         factory = make_sessionmaker(clean_db)
         stale = claim_event(factory, "msg_f", 0, None)  # a lease that runs out at once
         current = claim_event(factory, "msg_f", 60, None)
@@ -312,6 +292,22 @@ class TestFence:
             assert apply_event(session, current) == (EventStatus.PROCESSED, Outcome.APPLIED)
         assert rows(clean_db, "payments") == 1
         assert event_row(clean_db, "msg_f").status == EventStatus.PROCESSED
+
+
+def pending_payment(engine: Engine, webhook_id: str) -> tuple[datetime, str]:
+    """A payment.succeeded recorded and not yet claimed; its time (store_event's) and body."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    body = json.dumps(sample_event("payment.succeeded", timestamp=at))
+    store_event(
+        engine,
+        webhook_id,
+        "payment.succeeded",
+        body=body,
+        status=EventStatus.PENDING,
+        attempts=0,
+        last_error=None,
+    )
+    return at, body
 
 
 def rows(engine: Engine, table: str) -> int:
