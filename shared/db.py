@@ -91,7 +91,7 @@ def insert_for(bind: Session | Engine) -> Any:
     return dialect_insert((bind.get_bind() if isinstance(bind, Session) else bind).dialect.name)
 
 
-_DRIVER_SQL: dict[tuple[int, str], tuple[Executable, str, dict[str, Any]]] = {}
+_DRIVER_SQL: dict[int, tuple[Executable, str, dict[str, Any]]] = {}
 
 
 def run_prebuilt(
@@ -108,13 +108,12 @@ def run_prebuilt(
     """
     if conn.dialect.name != "postgresql":
         return conn.execute(statement, params)
-    key = (id(statement), conn.dialect.name)
-    compiled = _DRIVER_SQL.get(key)
+    compiled = _DRIVER_SQL.get(id(statement))
     # Keyed by id: the entry holds its statement, so no other object can take that id.
     if compiled is None:
         built = statement.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
         # The statement's own constants (the status values of a WHERE, say) come with it.
         constants = {n: b.effective_value for n, b in built.binds.items() if not b.required}
-        compiled = _DRIVER_SQL[key] = (statement, built.string, constants)
+        compiled = _DRIVER_SQL[id(statement)] = (statement, built.string, constants)
     _, sql, constants = compiled
     return conn.exec_driver_sql(sql, {**constants, **params})

@@ -174,7 +174,7 @@ def claim_event(
     return Claim(
         webhook_id,
         row.type,
-        bytes(row.body),
+        row.body,
         row.attempts,
         row.webhook_ts,
         event_at,

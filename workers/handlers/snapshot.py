@@ -104,8 +104,7 @@ HISTORY_PREFIX = "history_"
 def _with_history(upsert: Any, history: Table, columns: tuple[str, ...]) -> Any:
     """The upsert, writing the history row first in a CTE: one round trip for both."""
     values: dict[str, Any] = {name: bindparam(f"{HISTORY_PREFIX}{name}") for name in columns}
-    insert = dialect_insert("postgresql")(history).values(values)
-    return upsert.add_cte(insert.on_conflict_do_nothing(index_elements=["webhook_id"]).cte())
+    return upsert.add_cte(_insert_once("postgresql", history).values(values).cte())
 
 
 @cache
@@ -117,4 +116,5 @@ def _held_key(table: Table) -> Any:
 
 @cache
 def _insert_once(dialect: str, table: Table) -> Any:
+    """A history row, unless one of this delivery (`webhook_id`) is there already."""
     return dialect_insert(dialect)(table).on_conflict_do_nothing(index_elements=["webhook_id"])
