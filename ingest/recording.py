@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import threading
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -18,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from shared.db import dialect_insert, utcnow
 from shared.models import EventStatus, WebhookEvent
+from shared.perthread import PerThread
 
 # The row's columns, in the order of the PostgreSQL statement's placeholders.
 COLUMNS = (
@@ -89,7 +88,7 @@ class Recorder:
             _, params = engine.dialect.create_connect_args(engine.url)
             params.pop("context", None)  # SQLAlchemy's adapters; psycopg's own are enough
             self._psycopg = {"connect_timeout": 5, **params, "autocommit": True}
-        self._local = threading.local()
+        self._connections: PerThread[psycopg.Connection[Any]] = PerThread(self._connect)
 
     def record(self, **delivery: Any) -> bool:
         row = delivery_row(**delivery)
@@ -99,13 +98,13 @@ class Recorder:
 
     def close(self) -> None:
         """Close this thread's connection (the others close with their process)."""
-        conn = self._connection(create=False)
+        conn = self._connections.drop()
         if conn is not None:
             conn.close()
 
     def _insert_psycopg(self, row: dict[str, Any]) -> bool:
         params = [_pg_param(c, row[c]) for c in COLUMNS]
-        conn = self._connection()  # a database that cannot be reached raises: 503
+        conn = self._connections.get()  # a database that cannot be reached raises: 503
         try:
             return _exec_insert(conn, params)
         except psycopg.OperationalError:
@@ -113,24 +112,17 @@ class Recorder:
                 raise
         # A retry after a lost connection may find its own first INSERT committed: it then
         # answers "duplicate" and the delivery is queued by beat's re-drive instead.
-        conn.close()
-        return _exec_insert(self._connection(), params)
+        self.close()
+        return _exec_insert(self._connections.get(), params)
 
-    def _connection(self, *, create: bool = True) -> Any:
-        local = self._local
-        conn = getattr(local, "conn", None)
-        # A connection opened before a fork (gunicorn's master) is not this process's to use.
-        if conn is not None and (conn.closed or local.pid != os.getpid()):
-            conn = None
-        if conn is None and create:
-            assert self._psycopg is not None
-            conn = psycopg.connect(**self._psycopg)
-            try:
-                _check(conn, conn.pgconn.prepare(_PG_STATEMENT, _PG_INSERT))
-            except Exception:
-                conn.close()  # e.g. the table is not there yet: the next delivery tries again
-                raise
-            local.conn, local.pid = conn, os.getpid()
+    def _connect(self) -> psycopg.Connection[Any]:
+        assert self._psycopg is not None
+        conn = psycopg.connect(**self._psycopg)
+        try:
+            _check(conn, conn.pgconn.prepare(_PG_STATEMENT, _PG_INSERT))
+        except Exception:
+            conn.close()  # e.g. the table is not there yet: the next delivery tries again
+            raise
         return conn
 
     @staticmethod

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import socket
-import threading
 import uuid
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -19,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared.catalog import EVENT_QUEUES, MAINTENANCE_QUEUE, queue_for
+from shared.perthread import PerThread
 from shared.settings import Settings
 
 PROCESS_EVENT: Final = "workers.process_event"
@@ -170,8 +170,10 @@ class DirectPublisher:
     """
 
     def __init__(self, client: redis.Redis, app: Celery) -> None:
-        self._pool = client.connection_pool
-        self._local = threading.local()
+        pool = client.connection_pool
+        self._connections: PerThread[redis.Connection] = PerThread(
+            lambda: pool.connection_class(**pool.connection_kwargs)  # connects on first use
+        )
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self._reply_to = str(app.thread_oid)
 
@@ -191,13 +193,12 @@ class DirectPublisher:
 
     def close(self) -> None:
         """Close this thread's connection (the others close with their process)."""
-        conn = getattr(self._local, "conn", None)
+        conn = self._connections.drop()
         if conn is not None:
-            conn.disconnect()
-            self._local.conn = None
+            conn.disconnect()  # type: ignore[no-untyped-call]
 
     def _lpush(self, queue: str, message: bytes) -> None:
-        conn = self._connection()
+        conn = self._connections.get()
         try:
             conn.send_command("LPUSH", queue, message)  # type: ignore[no-untyped-call]
             conn.read_response()
@@ -207,12 +208,3 @@ class DirectPublisher:
             # A command half sent or an answer unread: the connection is not reusable.
             conn.disconnect()  # type: ignore[no-untyped-call]
             raise
-
-    def _connection(self) -> redis.Connection:
-        local = self._local
-        conn: redis.Connection | None = getattr(local, "conn", None)
-        # A connection made before a fork is the parent's; it connects on first use.
-        if conn is None or local.pid != os.getpid():
-            conn = self._pool.connection_class(**self._pool.connection_kwargs)
-            local.conn, local.pid = conn, os.getpid()
-        return conn
