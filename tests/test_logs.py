@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,6 +148,24 @@ class TestJsonLineFormatter:
         )
         assert record["level"] == "info"
         assert datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+    def test_the_timestamp_is_utc_whatever_the_machine_zone(
+        self, captured: tuple[logging.Logger, io.StringIO], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        logger, stream = captured
+        monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+05:30, no daylight saving
+        time.tzset()
+        try:
+            before = datetime.now(UTC)
+            log_step(logger, "queued", webhook_id="msg_tz")
+            log_step(logger, "queued", webhook_id="msg_tz")  # the second's text, cached
+            after = datetime.now(UTC)
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+        for line in stream.getvalue().splitlines():
+            ts = datetime.strptime(json.loads(line)["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
+            assert before.replace(microsecond=0) <= ts.replace(tzinfo=UTC) <= after
 
 
 class TestDatabaseErrorsInLogs:
