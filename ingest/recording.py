@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import psycopg.errors
 from psycopg import pq
 from psycopg.pq.abc import PGresult
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
 from sqlalchemy.exc import DBAPIError
 
-from shared.db import dialect_insert, utcnow
+from shared.db import insert_once, utcnow
 from shared.models import EventStatus, WebhookEvent
 from shared.perthread import PerThread
 
@@ -178,14 +177,9 @@ def record_delivery(engine: Engine, **delivery: Any) -> bool:
         recorder.close()
 
 
-@cache
-def _insert_once(dialect: str) -> Any:
-    # Built once: constructing the statement cost more CPU than running it.
-    insert = dialect_insert(dialect)(WebhookEvent).on_conflict_do_nothing()
-    return insert.returning(WebhookEvent.webhook_id)
-
-
 def _insert_sqlalchemy(engine: Engine, row: dict[str, Any]) -> bool:
+    table = cast(Table, WebhookEvent.__table__)
+    insert = insert_once(engine.dialect.name, table, ("webhook_id",), ("webhook_id",))
     with engine.connect() as conn:
         autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-        return autocommit.execute(_insert_once(engine.dialect.name), row).first() is not None
+        return autocommit.execute(insert, row).first() is not None

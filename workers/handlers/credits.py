@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import dialect_insert, utcnow
+from shared.db import insert_once, run_prebuilt, utcnow
 from shared.ledger import ChainLink, order_chain
 from shared.models import CreditBalance, CreditEntry, Outcome
 from shared.schemas import CreditBalanceLowEvent, CreditLedgerEvent
@@ -38,15 +37,8 @@ _UPDATE = update(BALANCES).where(
 )
 
 
-@cache
-def _create(dialect: str) -> Any:
-    return dialect_insert(dialect)(BALANCES).on_conflict_do_nothing(index_elements=list(ACCOUNT))
-
-
-@cache
-def _add_entry(dialect: str) -> Any:
-    insert = dialect_insert(dialect)(ENTRIES).on_conflict_do_nothing(index_elements=["id"])
-    return insert.returning(ENTRIES.c.id)
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def _locked_balance(session: Session, customer_id: str, entitlement_id: str) -> dict[str, Any]:
@@ -59,14 +51,14 @@ def _locked_balance(session: Session, customer_id: str, entitlement_id: str) -> 
     row = session.execute(_LOCK, key).mappings().first()
     if row is None:
         new = {**key, "chain_ok": True, "entry_count": 0, "updated_at": utcnow()}
-        session.execute(_create(session.get_bind().dialect.name), new)
+        session.execute(insert_once(_dialect(session), BALANCES, ACCOUNT), new)
         row = session.execute(_LOCK, key).mappings().one()
     return dict(row)
 
 
 def _save(session: Session, balance: dict[str, Any], changes: dict[str, Any]) -> None:
     key = {f"key_{name}": balance[name] for name in ACCOUNT}
-    session.execute(_UPDATE, {**changes, "updated_at": utcnow(), **key})
+    run_prebuilt(session.connection(), _UPDATE, {**changes, "updated_at": utcnow(), **key})
 
 
 def recompute_balance(session: Session, customer_id: str, entitlement_id: str) -> dict[str, Any]:
@@ -90,8 +82,9 @@ def apply_credit_entry(session: Session, event: CreditLedgerEvent, delivery: Del
     """Hold the ledger entry once by its Dodo id, then derive the account's balance again."""
     entry = event.data
     balance = _locked_balance(session, entry.customer_id, entry.credit_entitlement_id)
-    inserted = session.execute(
-        _add_entry(session.get_bind().dialect.name),
+    inserted = run_prebuilt(
+        session.connection(),
+        insert_once(_dialect(session), ENTRIES, ("id",), ("id",)),
         {
             "id": entry.id,
             "customer_id": entry.customer_id,

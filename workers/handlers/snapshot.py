@@ -8,7 +8,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import ColumnElement, Table, bindparam, inspect, select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.db import dialect_insert, utcnow
+from shared.db import dialect_insert, insert_once, run_prebuilt, utcnow
 from shared.models import Base, Outcome, SnapshotMixin
 from workers.handlers.base import Delivery
 
@@ -60,7 +60,7 @@ def apply_snapshot(
         params = {**values, **{f"{HISTORY_PREFIX}{k}": v for k, v in row.items()}}
     elif history is not None:
         record_history(session, *history)
-    if session.execute(upsert, params).first() is not None:
+    if run_prebuilt(session.connection(), upsert, params).first() is not None:
         return Outcome.APPLIED
     # Left alone: a later event holds the row, or this very delivery does (a replay).
     held = session.execute(_held_key(table), key).one()
@@ -70,7 +70,7 @@ def apply_snapshot(
 def record_history(session: Session, model: type[Base], values: dict[str, Any]) -> None:
     """One history row per delivery (`webhook_id` is unique): a repeat adds nothing."""
     dialect = session.get_bind().dialect.name
-    session.execute(_insert_once(dialect, _table(model)), values)
+    session.execute(insert_once(dialect, _table(model), ("webhook_id",)), values)
 
 
 def _table(model: type[Any]) -> Table:
@@ -104,7 +104,7 @@ HISTORY_PREFIX = "history_"
 def _with_history(upsert: Any, history: Table, columns: tuple[str, ...]) -> Any:
     """The upsert, writing the history row first in a CTE: one round trip for both."""
     values: dict[str, Any] = {name: bindparam(f"{HISTORY_PREFIX}{name}") for name in columns}
-    return upsert.add_cte(_insert_once("postgresql", history).values(values).cte())
+    return upsert.add_cte(insert_once("postgresql", history, ("webhook_id",)).values(values).cte())
 
 
 @cache
@@ -112,9 +112,3 @@ def _held_key(table: Table) -> Any:
     """The held order key, read under the lock the upsert took (still held: same transaction)."""
     keys = [table.c[c.name] == bindparam(c.name) for c in table.primary_key]
     return select(*(table.c[name] for name in ORDER_COLUMNS)).where(*keys)
-
-
-@cache
-def _insert_once(dialect: str, table: Table) -> Any:
-    """A history row, unless one of this delivery (`webhook_id`) is there already."""
-    return dialect_insert(dialect)(table).on_conflict_do_nothing(index_elements=["webhook_id"])
