@@ -267,12 +267,18 @@ def worker_peaks(gunicorn: stack.ManagedProcess) -> dict[str, Any]:
 
 
 def ingest_phase(cfg: Config, svc: Services) -> dict[str, Any]:
-    apps = {"floor": "bench.floor_app:create_app()", "ingest": "ingest:create_app()"}
+    apps = {
+        "floor": "bench.floor_app:create_app()",
+        "ingest": "ingest:create_app()",
+        # Saturation only: the floor plus the durable INSERT, for reference (bench/floor_app.py).
+        "durable": "bench.floor_app:create_durable_app()",
+    }
     sat: dict[int, dict[str, list[dict[str, Any]]]] = {
         c: {name: [] for name in apps} for c in cfg.connections
     }
+    at_rates = ["floor", "ingest"]
     fixed: dict[int, dict[str, list[dict[str, Any]]]] = {
-        r: {name: [] for name in apps} for r in cfg.rates
+        r: {name: [] for name in at_rates} for r in cfg.rates
     }
     best_seen = {name: 0.0 for name in apps}
     with ExitStack() as stack_:
@@ -295,19 +301,19 @@ def ingest_phase(cfg: Config, svc: Services) -> dict[str, Any]:
                     svc.reset()
                     unique = int(cfg.duration * max(4000, 2 * best_seen[name]))
                     result = run_wrk(cfg, svc, ports[name], procs[name].pid, c, unique)
-                    if name == "ingest":
+                    if name != "floor":
                         result["recorded"] = svc.recorded()
                     best_seen[name] = max(best_seen[name], result["acked_per_s"])
                     sat[c][name].append(result)
                     progress(
                         cfg,
-                        f"saturation rep {rep + 1}/{cfg.reps} -c {c:<3} {name:<6} "
+                        f"saturation rep {rep + 1}/{cfg.reps} -c {c:<3} {name:<7} "
                         f"{result['acked_per_s']:8.1f} acked/s  "
                         f"(non-202: {result['requests'] - result['acked']}, "
                         f"socket errors: {sum(result['errors'].values())})",
                     )
         for rep in range(cfg.reps):
-            order = list(apps) if rep % 2 == 0 else list(reversed(apps))
+            order = at_rates if rep % 2 == 0 else list(reversed(at_rates))
             for rate in cfg.rates:
                 for name in order:
                     svc.reset()
@@ -354,12 +360,28 @@ def summarize_ingest(
             "ingest_postgres_cpu_ms_per_request": spread(
                 [r["postgres_cpu_ms_per_request"] for r in runs["ingest"]]
             ),
+            "durable_floor_acked_per_s": spread([r["acked_per_s"] for r in runs["durable"]]),
+            "ratio_to_durable_floor": spread(
+                ratios(ingest, [r["acked_per_s"] for r in runs["durable"]])
+            ),
+            "durable_floor_ratio_to_floor": spread(
+                ratios([r["acked_per_s"] for r in runs["durable"]], floor)
+            ),
+            "durable_floor_cpu_ms_per_request": spread(
+                [r["worker_cpu_ms_per_request"] for r in runs["durable"]]
+            ),
+            "durable_floor_postgres_cpu_ms_per_request": spread(
+                [r["postgres_cpu_ms_per_request"] for r in runs["durable"]]
+            ),
             "ingest_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["ingest"]]),
             "floor_wrk_p99_ms": spread([r["latency_us"]["p99"] / 1000 for r in runs["floor"]]),
             "ingest_non_202": sum(r["requests"] - r["acked"] for r in runs["ingest"]),
             "floor_non_202": sum(r["requests"] - r["acked"] for r in runs["floor"]),
             "ingest_recorded_equals_acked": all(
                 r["recorded"] >= r["acked"] for r in runs["ingest"]
+            ),
+            "durable_floor_recorded_equals_acked": all(
+                r["recorded"] >= r["acked"] for r in runs["durable"]
             ),
             "runs": runs,
         }
@@ -667,6 +689,25 @@ def table(results: dict[str, Any]) -> str:
         "  PostgreSQL's CPU per ingest request, same cores (ms): "
         + ", ".join(
             f"-c {c} {fmt(row['ingest_postgres_cpu_ms_per_request'], 2)}"
+            for c, row in ing["saturation"].items()
+        )
+    )
+    lines += [
+        "",
+        "For reference: the durable floor (verify + INSERT + LPUSH), acknowledged/s",
+        f"  {'conns':>5}  {'durable floor':>22}  {'durable / floor':>18}  {'ingest / durable':>18}",
+    ]
+    for c, row in ing["saturation"].items():
+        lines.append(
+            f"  {c:>5}  {fmt(row['durable_floor_acked_per_s']):>22}  "
+            f"{fmt(row['durable_floor_ratio_to_floor'], 2):>18}  "
+            f"{fmt(row['ratio_to_durable_floor'], 2):>18}"
+        )
+    lines.append(
+        "  its CPU per request, gunicorn workers and PostgreSQL (ms): "
+        + ", ".join(
+            f"-c {c} {fmt(row['durable_floor_cpu_ms_per_request'], 2)} and "
+            f"{fmt(row['durable_floor_postgres_cpu_ms_per_request'], 2)}"
             for c, row in ing["saturation"].items()
         )
     )

@@ -75,6 +75,11 @@ class TestBenchQuickRun:
         # PostgreSQL shares the cores with what is measured: its CPU is reported beside it.
         saturation = next(iter(printed["ingest"]["saturation"].values()))
         assert saturation["ingest_postgres_cpu_ms_per_request"]["median"] > 0
+        # The durable floor records what it acknowledges, and PostgreSQL works for it.
+        assert saturation["durable_floor_acked_per_s"]["median"] > 0
+        assert saturation["durable_floor_recorded_equals_acked"] is True
+        assert saturation["durable_floor_postgres_cpu_ms_per_request"]["median"] > 0
+        assert is_number(saturation["ratio_to_durable_floor"]["median"])
         assert e2e["product_postgres_cpu_ms_per_event"]["median"] > 0
         statuses = e2e["runs"]["product"][0]["statuses"]
         assert sum(v for k, v in statuses.items() if k in ("processed", "ignored", "dead")) == 40
