@@ -23,7 +23,7 @@ test-fast: ## the suite without the slow end-to-end and fault-injection tests
 lint: ## ruff, formatting, mypy --strict
 	$(VENV_BIN)/ruff check . && $(VENV_BIN)/ruff format --check . && $(VENV_BIN)/mypy shared ingest workers
 
-bench: ## benchmark ingest and pipeline against same-run floors (~25 min; BENCH_ARGS=--quick)
+bench: ## benchmark ingest and pipeline against same-run floors (~30 min; BENCH_ARGS=--quick)
 	PYTHONPATH=. $(PY) -m bench.run $(BENCH_ARGS)
 
 bench-quick: ## a one-minute smoke run of the benchmark (1 rep, small N)
