@@ -16,6 +16,7 @@ code costs; the durable floor's against the floor is what the promise costs on t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -23,6 +24,7 @@ from flask import Flask, Response, jsonify, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 QUEUE = "bench:floor"
+SIGNED = ("webhook-id", "webhook-timestamp", "webhook-signature")
 INSERT = (
     "INSERT INTO webhook_events (webhook_id, status, attempts, body, headers, webhook_ts, "
     "received_at) VALUES (%s, 'pending', 0, %s, %s, %s, now()) "
@@ -31,25 +33,7 @@ INSERT = (
 
 
 def create_app() -> Flask:
-    webhook = Webhook(os.environ["DODO_PAYMENTS_WEBHOOK_KEY"].split()[0])
-    client = redis.Redis.from_url(os.environ["REDIS_URL"])
-    app = Flask("floor")
-
-    @app.get("/healthz")
-    def healthz() -> tuple[Response, int]:
-        return jsonify(status="ok"), 200
-
-    @app.post("/webhooks/dodo")
-    def receive() -> tuple[Response, int]:
-        body = request.get_data(cache=False)
-        try:
-            webhook.verify(body, dict(request.headers.items(lower=True)), json_parse=False)
-        except (WebhookVerificationError, ValueError):
-            return jsonify(error="bad signature"), 401
-        client.lpush(QUEUE, body)
-        return jsonify(status="queued", webhook_id=request.headers["webhook-id"]), 202
-
-    return app
+    return _floor("floor")
 
 
 def create_durable_app() -> Flask:
@@ -58,12 +42,24 @@ def create_durable_app() -> Flask:
     from psycopg.types.json import Json
     from sqlalchemy.engine import make_url
 
-    webhook = Webhook(os.environ["DODO_PAYMENTS_WEBHOOK_KEY"].split()[0])
-    client = redis.Redis.from_url(os.environ["REDIS_URL"])
     url = make_url(os.environ["DATABASE_URL"]).set(drivername="postgresql")
     dsn = url.render_as_string(hide_password=False)
     held: list[psycopg.Connection[Any]] = []  # this worker's connection, opened on first use
-    app = Flask("durable_floor")
+
+    def record(body: bytes, headers: dict[str, str]) -> None:
+        if not held:
+            held.append(psycopg.connect(dsn, autocommit=True))
+        signed = {name: headers[name] for name in SIGNED}
+        params = (signed["webhook-id"], body, Json(signed), int(signed["webhook-timestamp"]))
+        held[0].execute(INSERT, params, prepare=True)
+
+    return _floor("durable_floor", record)
+
+
+def _floor(name: str, record: Callable[[bytes, dict[str, str]], None] | None = None) -> Flask:
+    webhook = Webhook(os.environ["DODO_PAYMENTS_WEBHOOK_KEY"].split()[0])
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    app = Flask(name)
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
@@ -77,12 +73,9 @@ def create_durable_app() -> Flask:
             webhook.verify(body, headers, json_parse=False)
         except (WebhookVerificationError, ValueError):
             return jsonify(error="bad signature"), 401
-        if not held:
-            held.append(psycopg.connect(dsn, autocommit=True))
-        signed = {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
-        params = (signed["webhook-id"], body, Json(signed), int(signed["webhook-timestamp"]))
-        held[0].execute(INSERT, params, prepare=True)
+        if record is not None:
+            record(body, headers)
         client.lpush(QUEUE, body)
-        return jsonify(status="queued", webhook_id=signed["webhook-id"]), 202
+        return jsonify(status="queued", webhook_id=headers["webhook-id"]), 202
 
     return app
