@@ -14,8 +14,8 @@ from pathlib import Path
 
 from standardwebhooks.webhooks import Webhook
 
+from cli.samples import sample_event
 from shared.catalog import HANDLED_TYPES, KNOWN_OTHER
-from shared.samples import sample_event
 
 # The identity field of each family's `data`, made distinct per event so every event touches
 # its own row (DESIGN.md's table).

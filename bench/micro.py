@@ -29,6 +29,7 @@ from bench.deliveries import Delivery, signed_deliveries
 from bench.floor_app import create_app as create_floor_app
 from bench.run import Config, record_and_queue, services
 from ingest import create_app
+from ingest.publisher import DirectPublisher
 from ingest.recording import Recorder, _insert_sqlalchemy, delivery_row
 from ingest.verify import Verifier
 from shared.catalog import queue_for
@@ -36,7 +37,7 @@ from shared.db import insert_for, make_engine
 from shared.envelope import read_envelope_head
 from shared.logs import configure_logging, get_logger, log_step
 from shared.models import WebhookEvent
-from shared.queue import DirectPublisher, enqueue, make_celery
+from shared.queue import enqueue, make_celery
 from shared.settings import load_settings
 
 RAW_INSERT = (

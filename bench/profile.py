@@ -56,7 +56,7 @@ INGEST_STEPS: list[Rule] = [
     # libpq's PQexecPrepared is native code: its samples stop at the recorder's own frame.
     ("record INSERT: prepared, libpq (round trip)", within("ingest/recording.py", "_exec_insert")),
     *db_detail("ingest/recording.py", "record INSERT"),
-    ("publish: one LPUSH (shared/queue.py DirectPublisher)", within("ingest/signal.py")),
+    ("publish: one LPUSH (shared/queue.py DirectPublisher)", within("ingest/publisher.py")),
     ("logging (JSON lines)", lambda s: "log_step" in s or "logging/__init__" in s),
     ("metrics (prometheus_client)", within("prometheus_client")),
     ("jsonify response", within("jsonify")),

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import hmac
 import sys
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import redis
-from celery import Celery
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, jsonify, request
 from sqlalchemy import Engine, text
 from werkzeug.exceptions import HTTPException
 
-from ingest.metrics import IngestMetrics, ingest_metrics
+from ingest import api, health, records, webhooks
+from ingest.metrics import ingest_metrics
+from ingest.publisher import QueueSignal
 from ingest.recording import Recorder
-from ingest.signal import QueueSignal
+from ingest.state import IngestState
 from ingest.verify import Verifier
 from shared.db import make_engine
 from shared.logs import configure_logging, get_logger
@@ -23,25 +22,6 @@ from shared.queue import make_celery
 from shared.settings import ConfigError, Settings, first_line, get_settings, redact_url
 
 log = get_logger("ingest")
-
-
-@dataclass
-class IngestState:
-    settings: Settings
-    engine: Engine
-    recorder: Recorder
-    celery: Celery
-    signal: QueueSignal
-    verifier: Verifier
-    metrics: IngestMetrics
-    redis: redis.Redis
-
-    def close(self) -> None:
-        """Close the app's connections (tests, and anything that makes apps on the fly)."""
-        self.recorder.close()
-        self.signal.close()
-        self.engine.dispose()
-        self.redis.close()
 
 
 # gunicorn's "application failed to load": the master stops instead of respawning workers.
@@ -72,11 +52,8 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
         redis=redis_client,
     )
 
-    from ingest import api, health, webhooks
-
-    app.register_blueprint(webhooks.bp)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(api.bp)
+    for blueprint in (webhooks.bp, health.bp, api.bp, records.bp):
+        app.register_blueprint(blueprint)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
@@ -139,21 +116,6 @@ def check_reachable(engine: Engine, redis_client: redis.Redis, settings: Setting
         ) from None
 
 
-def state() -> IngestState:
-    return current_app.extensions["dodo"]  # type: ignore[no-any-return]
-
-
-def require_admin() -> tuple[Response, int] | None:
-    """None when the request carries the admin token; otherwise the answer to give."""
-    token = state().settings.admin_token
-    if token is None:
-        return jsonify(error="admin API not configured: set ADMIN_TOKEN"), 503
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        return jsonify(error="missing or wrong bearer token"), 401
-    return None
-
-
 def _http_error(exc: HTTPException) -> tuple[Response, int]:
     return jsonify(error=exc.description or exc.name), exc.code or 500
 
@@ -162,9 +124,3 @@ def _unexpected_error(exc: Exception) -> tuple[Response, int]:
     # Never a 500: the sender retries a 503, and nothing was acknowledged.
     log.error("unexpected error", exc_info=exc, extra={"path": request.path})
     return jsonify(error="temporarily unavailable"), 503
-
-
-def json_body() -> dict[str, Any]:
-    """The request's JSON object, or {} when there is none."""
-    payload = request.get_json(silent=True)
-    return payload if isinstance(payload, dict) else {}

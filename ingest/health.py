@@ -6,8 +6,8 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from ingest.app import state
 from ingest.metrics import render_metrics
+from ingest.state import state
 
 bp = Blueprint("health", __name__)
 

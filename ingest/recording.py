@@ -13,9 +13,9 @@ from psycopg.pq.abc import PGresult
 from sqlalchemy import Engine, Table
 from sqlalchemy.exc import DBAPIError
 
+from ingest.perthread import PerThread
 from shared.db import insert_once, utcnow
 from shared.models import EventStatus, WebhookEvent
-from shared.perthread import PerThread
 
 # The row's columns, in the order of the PostgreSQL statement's placeholders.
 COLUMNS = (

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ingest.app import state
+from ingest.state import state
 from ingest.verify import Rejection
 from shared.envelope import EnvelopeError, read_envelope_head
 from shared.logs import get_logger, log_step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -18,9 +18,10 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    inspect,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from shared.db import UTCDateTime, utcnow
@@ -131,6 +132,15 @@ def isoformat(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def jsonable(value: Any) -> Any:
+    """A column's value as the API writes it: datetimes in ISO 8601, decimals as strings."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
 class SnapshotMixin:
     """The event whose state a snapshot row holds, and the order key that protects it."""
 
@@ -141,6 +151,95 @@ class SnapshotMixin:
     # Dodo's own object as last delivered, so the API can answer with all of its fields.
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    # The family's history table, for those that keep every state (disputes, subscriptions).
+    history: ClassVar[type[HistoryMixin] | None] = None
+
+    @classmethod
+    def record_columns(cls) -> tuple[str, ...]:
+        """The record's own columns, key first: each is a field of Dodo's object of that name.
+
+        The handlers copy these from the event, the API shows them: a new field is a column
+        here, a field of the schema, and a migration.
+        """
+        return _record_columns(cls)
+
+    def representation(self) -> dict[str, Any]:
+        """The record as the API shows it, without `last_event`: Dodo's object as last
+        delivered, overlaid with the columns."""
+        view: dict[str, Any] = dict(self.data)
+        for name in self.record_columns():
+            view[name] = jsonable(getattr(self, name))
+        return view
+
+    def last_event(self) -> dict[str, Any]:
+        return {
+            "type": self.last_event_type,
+            "timestamp": isoformat(self.last_event_at),
+            "webhook_id": self.last_webhook_id,
+        }
+
+
+_BOOKKEEPING = frozenset(
+    name for name, value in vars(SnapshotMixin).items() if isinstance(value, MappedColumn)
+)
+
+
+def _record_columns(model: type[SnapshotMixin]) -> tuple[str, ...]:
+    return _own_columns(model, _BOOKKEEPING)
+
+
+_COLUMNS: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _own_columns(model: type[Any], inherited: frozenset[str]) -> tuple[str, ...]:
+    """The mapped table's columns but those a mixin brings, worked out once per model."""
+    held = _COLUMNS.get(model)
+    if held is None:
+        columns = inspect(model).local_table.columns
+        held = _COLUMNS[model] = tuple(c.key for c in columns if c.key not in inherited)
+    return held
+
+
+class HistoryMixin:
+    """One row per distinct event of an entity, kept whatever order they arrived in.
+
+    Its other columns are fields of Dodo's object, copied from each event.
+    """
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(String(255), unique=True)
+    type: Mapped[str] = mapped_column(String(255))
+    event_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    webhook_ts: Mapped[int] = mapped_column(BigInteger)
+
+    @classmethod
+    def event_columns(cls) -> tuple[str, ...]:
+        """The columns taken from Dodo's object (the rest describe the delivery)."""
+        return _event_columns(cls)
+
+    def step(self, entity_key: str) -> dict[str, Any]:
+        """One step of the API's `history`: the object's fields but its key, the event's type
+        and time."""
+        return {
+            **{
+                name: jsonable(getattr(self, name))
+                for name in self.event_columns()
+                if name != entity_key
+            },
+            "type": self.type,
+            "timestamp": isoformat(self.event_at),
+            "webhook_id": self.webhook_id,
+        }
+
+
+_DELIVERY = frozenset(
+    name for name, value in vars(HistoryMixin).items() if isinstance(value, MappedColumn)
+)
+
+
+def _event_columns(model: type[HistoryMixin]) -> tuple[str, ...]:
+    return _own_columns(model, _DELIVERY)
 
 
 class Payment(SnapshotMixin, Base):
@@ -165,8 +264,19 @@ class Refund(SnapshotMixin, Base):
     currency: Mapped[str | None] = mapped_column(String(16))
 
 
+class DisputeHistory(HistoryMixin, Base):
+    """Every status a dispute went through."""
+
+    __tablename__ = "dispute_history"
+
+    dispute_id: Mapped[str] = mapped_column(String(255), index=True)
+    dispute_status: Mapped[str] = mapped_column(String(64))
+    dispute_stage: Mapped[str] = mapped_column(String(64))
+
+
 class Dispute(SnapshotMixin, Base):
     __tablename__ = "disputes"
+    history = DisputeHistory
 
     dispute_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     payment_id: Mapped[str] = mapped_column(String(255), index=True)
@@ -176,23 +286,20 @@ class Dispute(SnapshotMixin, Base):
     currency: Mapped[str] = mapped_column(String(16))
 
 
-class DisputeHistory(Base):
-    """One row per distinct dispute event, kept whatever order they arrived in."""
+class SubscriptionHistory(HistoryMixin, Base):
+    """Every subscription event: renewals, holds, plan changes, cancellation."""
 
-    __tablename__ = "dispute_history"
+    __tablename__ = "subscription_history"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    dispute_id: Mapped[str] = mapped_column(String(255), index=True)
-    webhook_id: Mapped[str] = mapped_column(String(255), unique=True)
-    type: Mapped[str] = mapped_column(String(255))
-    dispute_status: Mapped[str] = mapped_column(String(64))
-    dispute_stage: Mapped[str] = mapped_column(String(64))
-    event_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    webhook_ts: Mapped[int] = mapped_column(BigInteger)
+    subscription_id: Mapped[str] = mapped_column(String(255), index=True)
+    status: Mapped[str] = mapped_column(String(64))
+    product_id: Mapped[str] = mapped_column(String(255))
+    quantity: Mapped[int] = mapped_column(Integer)
 
 
 class Subscription(SnapshotMixin, Base):
     __tablename__ = "subscriptions"
+    history = SubscriptionHistory
 
     subscription_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     status: Mapped[str] = mapped_column(String(64))
@@ -205,22 +312,6 @@ class Subscription(SnapshotMixin, Base):
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class SubscriptionHistory(Base):
-    """One row per distinct subscription event: renewals, holds, plan changes, cancellation."""
-
-    __tablename__ = "subscription_history"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    subscription_id: Mapped[str] = mapped_column(String(255), index=True)
-    webhook_id: Mapped[str] = mapped_column(String(255), unique=True)
-    type: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(64))
-    product_id: Mapped[str] = mapped_column(String(255))
-    quantity: Mapped[int] = mapped_column(Integer)
-    event_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    webhook_ts: Mapped[int] = mapped_column(BigInteger)
-
-
 class LicenseKey(SnapshotMixin, Base):
     __tablename__ = "license_keys"
 
@@ -230,6 +321,15 @@ class LicenseKey(SnapshotMixin, Base):
     customer_id: Mapped[str] = mapped_column(String(255), index=True)
     product_id: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+ENTRY_AMOUNTS = (
+    "amount",
+    "balance_before",
+    "balance_after",
+    "overage_before",
+    "overage_after",
+)
 
 
 class CreditEntry(Base):
@@ -251,6 +351,18 @@ class CreditEntry(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     webhook_id: Mapped[str] = mapped_column(String(255))
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    def representation(self) -> dict[str, Any]:
+        """The entry as the ledger API lists it."""
+        return {
+            "id": self.id,
+            "type": self.event_type,
+            "transaction_type": self.transaction_type,
+            "is_credit": self.is_credit,
+            **{name: jsonable(getattr(self, name)) for name in ENTRY_AMOUNTS},
+            "created_at": isoformat(self.created_at),
+            "webhook_id": self.webhook_id,
+        }
 
     __table_args__ = (
         Index(
@@ -282,3 +394,23 @@ class CreditBalance(Base):
     alert_webhook_ts: Mapped[int | None] = mapped_column(BigInteger)
     alert_webhook_id: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    def representation(self) -> dict[str, Any]:
+        """The account as `/api/customers/<id>/credits` lists it; amounts as decimal strings."""
+        alert = None
+        if self.alert_at is not None:
+            alert = {
+                "available_balance": jsonable(self.alert_available_balance),
+                "threshold_percent": self.alert_threshold_percent,
+                "threshold_amount": jsonable(self.alert_threshold_amount),
+                "timestamp": isoformat(self.alert_at),
+            }
+        return {
+            "credit_entitlement_id": self.credit_entitlement_id,
+            "balance": jsonable(self.balance),
+            "overage": jsonable(self.overage),
+            "chain_ok": self.chain_ok,
+            "last_entry_at": isoformat(self.last_entry_at),
+            "entry_count": self.entry_count,
+            "low_balance_alert": alert,
+        }

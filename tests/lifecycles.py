@@ -6,7 +6,7 @@ stages and license keys; subscriptions through active, renewals, holds, plan cha
 entry, overage, rollovers, forfeits, manual adjustments, low-balance alerts — and gaps
 (entries never sent). Occurrence timestamps are mostly distinct; some are equal on purpose
 so the order falls to the webhook-timestamp, and some webhook-timestamps are equal too so
-it falls to the webhook-id. Every payload is a `shared.samples.sample_event`, which the
+it falls to the webhook-id. Every payload is a `cli.samples.sample_event`, which the
 official SDK's model accepts.
 """
 
@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from shared.samples import TRANSACTION_BY_TYPE, sample_event
+from cli.samples import TRANSACTION_BY_TYPE, sample_event
 from tests.reference import Sent
 
 FAMILIES = ("payments", "subscriptions", "credits")

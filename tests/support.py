@@ -38,7 +38,7 @@ def free_port() -> int:
 def throwaway_database(admin_url: str, prefix: str, *, migrated: bool = True) -> Iterator[str]:
     """A new database `<prefix>_<random>` beside `admin_url`'s, migrated with Alembic unless
     told not to; its URL, and it is dropped afterwards (also when the migration fails)."""
-    from shared.migrate import upgrade
+    from cli.db import upgrade
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")

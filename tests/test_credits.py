@@ -15,16 +15,16 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from cli.samples import sample_event
 from ingest import create_app
 from shared.db import make_engine, make_sessionmaker, transaction
 from shared.ledger import ChainLink, order_chain
 from shared.models import Base, CreditBalance, CreditEntry, Outcome, Payment
-from shared.samples import sample_event
-from shared.schemas import EventValidationError, parse_event
 from shared.settings import Settings
 from tests.support import ADMIN_TOKEN
 from workers.handlers import ROUTES, Delivery
 from workers.handlers.credits import recompute_balance
+from workers.schemas import EventValidationError, parse_event
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CUSTOMER = "cus_ledger1"

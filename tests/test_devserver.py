@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from shared.devserver import DEV_ENV_FILE, DevError, dev_settings, read_env_file, readable
+from cli.dev import DEV_ENV_FILE, DevError, dev_settings, read_env_file, readable
 from tests.support import VENV_BIN, ManagedProcess, free_port, wait_until
 
 DEV_ENV = {

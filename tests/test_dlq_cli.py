@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from shared.cli import main
+from cli.main import main
 from shared.models import EventStatus
 from tests.dead_letter_support import event_row, hours_ago, queued, store_event
 from tests.support import ROOT, VENV_BIN, free_port

@@ -15,9 +15,9 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.exc import StatementError
 
+from cli.samples import sample_event
 from shared.db import make_engine
 from shared.logs import JsonLineFormatter, log_step
-from shared.samples import sample_event
 from tests.support import (
     ADMIN_TOKEN,
     SECRET,

@@ -27,12 +27,12 @@ from sqlalchemy import Engine, func, select
 from ingest import create_app
 from shared.db import make_sessionmaker, transaction
 from shared.models import EventStatus, WebhookEvent
-from shared.schemas import parse_event
 from shared.settings import Settings
 from tests.lifecycles import generate, with_duplicates
 from tests.reference import ROUTE, Expected, Sent, differences, expected_state
 from tests.support import ADMIN_TOKEN, celery_worker, gunicorn, signed_headers, wait_until
 from workers.handlers import ROUTES, Delivery
+from workers.schemas import parse_event
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 DUPLICATE_RATIO = 0.2

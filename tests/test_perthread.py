@@ -1,4 +1,4 @@
-"""shared.perthread: one object per process and thread, for the ingest's held connections."""
+"""ingest.perthread: one object per process and thread, for the ingest's held connections."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 import os
 import threading
 
-from shared.perthread import PerThread
+from ingest.perthread import PerThread
 
 
 def counter() -> PerThread[int]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import requests
 from sqlalchemy import Engine, select
 
+from cli.samples import sample_event, sdk_event_types
 from shared.models import WebhookEvent
-from shared.samples import sample_event, sdk_event_types
 from tests.support import ADMIN_TOKEN, celery_worker, gunicorn, signed_headers, wait_until
 from workers.handlers import ROUTES
 

@@ -10,10 +10,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
+from cli.db import upgrade
+from cli.samples import sample_event
 from shared.db import make_engine
-from shared.migrate import upgrade
 from shared.models import WebhookEvent
-from shared.samples import sample_event
 from tests.pgcluster import PostgresCluster
 from tests.support import (
     ADMIN_TOKEN,

@@ -7,7 +7,8 @@ from typing import Any
 
 import redis
 
-from shared.queue import DirectPublisher, make_celery, process_event_message
+from ingest.publisher import DirectPublisher, process_event_message
+from shared.queue import make_celery
 from shared.settings import Settings
 
 # Fields that differ on every message (fresh uuids) or with the sending process.

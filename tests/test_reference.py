@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared.samples import sample_event
+from cli.samples import sample_event
 from tests.reference import Sent, chain_order, differences, expected_state
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)

@@ -16,10 +16,11 @@ import sqlalchemy.exc
 from celery import Celery
 from sqlalchemy import Engine, create_engine, text
 
+from cli.samples import sample_event
 from shared.db import make_sessionmaker, transaction, utcnow
+from shared.envelope import EnvelopeError
 from shared.models import Base, EventStatus, Outcome
 from shared.queue import enqueue, make_celery
-from shared.samples import sample_event
 from shared.settings import load_settings
 from tests.dead_letter_support import (
     COUNT,
@@ -34,7 +35,9 @@ from tests.dead_letter_support import (
     wait_for_status,
 )
 from tests.support import ManagedProcess, service_env, wait_until
-from workers.tasks import LostClaim, apply_event, backoff_seconds, claim_event, is_transient
+from workers.claims import LostClaim, apply_event, claim_event
+from workers.retry import Failure, backoff_seconds, classify
+from workers.schemas import EventValidationError
 
 MAX_ATTEMPTS = int(FAST_RETRIES["MAX_ATTEMPTS"])
 FINAL = ("processed", "ignored", "dead")
@@ -333,16 +336,22 @@ class TestBackoff:
 
     def test_database_and_broker_outages_are_transient_and_bugs_are_not(self) -> None:
         lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed"))
-        assert is_transient(lost)
+        assert classify(lost) is Failure.TRANSIENT
         for cause in (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             wrapped = sqlalchemy.exc.DBAPIError.instance("UPDATE", {}, cause("x"), psycopg.Error)
-            assert is_transient(wrapped), cause
-        assert is_transient(redis.exceptions.ConnectionError("refused"))
-        assert is_transient(ConnectionError("reset"))
-        assert not is_transient(KeyError("customer_id"))
-        assert not is_transient(
-            sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+            assert classify(wrapped) is Failure.TRANSIENT, cause
+        assert classify(redis.exceptions.ConnectionError("refused")) is Failure.TRANSIENT
+        assert classify(ConnectionError("reset")) is Failure.TRANSIENT
+        assert classify(KeyError("customer_id")) is Failure.UNEXPECTED
+        integrity = sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+        assert classify(integrity) is Failure.UNEXPECTED
+
+    def test_a_payload_that_does_not_validate_is_permanent(self) -> None:
+        """The verdict on the same bytes cannot change: the event is dead at once."""
+        assert classify(EventValidationError("invalid event: data.payment_id")) is (
+            Failure.PERMANENT
         )
+        assert classify(EnvelopeError("invalid event: type")) is Failure.PERMANENT
 
 
 class TestBrokerHardening:

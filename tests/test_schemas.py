@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from cli.samples import sample_event, sdk_event_types
 from shared.catalog import HANDLED, HANDLED_TYPES
-from shared.samples import sample_event, sdk_event_types
-from shared.schemas import (
+from workers.handlers import ROUTES
+from workers.schemas import (
     SCHEMAS,
     CreditLedgerEvent,
     DisputeEvent,
@@ -20,7 +21,6 @@ from shared.schemas import (
     PaymentEvent,
     parse_event,
 )
-from workers.handlers import ROUTES
 
 EXTRA_ROUTED = (
     "subscription.past_due",

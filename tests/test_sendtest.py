@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
+from cli.dev import DEV_ENV_FILE
+from cli.main import main
 from shared.catalog import HANDLED
-from shared.cli import main
-from shared.devserver import DEV_ENV_FILE
 from shared.models import WebhookEvent
 from tests.support import OLD_SECRET, SECRET, free_port, gunicorn, service_env
 

@@ -15,9 +15,9 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from shared.models import CreditBalance, Outcome
-from shared.schemas import SCHEMAS
 from workers import app, settings
 from workers.handlers import ROUTES, Delivery
+from workers.schemas import SCHEMAS
 
 COUNT = "test.count"
 POISON = "test.poison"

@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from workers import tasks
+from workers.app import app, settings
 
-from shared.logs import configure_logging
-from shared.queue import make_celery
-from shared.settings import ConfigError, get_settings
-
-try:
-    settings = get_settings()
-except ConfigError as exc:
-    # `celery -A workers` imports this module: one line, not a traceback.
-    print(f"dodo-webhooks worker: {exc}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-configure_logging(settings.log_level)
-app = make_celery(settings)
-
-from workers import tasks  # noqa: E402  (registers the tasks on `app`)
-
-__all__ = ["app", "tasks"]
+__all__ = ["app", "settings", "tasks"]

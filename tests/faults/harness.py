@@ -28,8 +28,8 @@ import redis
 import requests
 from sqlalchemy import Engine, create_engine, text
 
+from cli.db import upgrade
 from shared.db import make_engine
-from shared.migrate import upgrade
 from shared.models import Base
 from tests.support import VENV_BIN, ManagedProcess, free_port, service_env, wait_until
 

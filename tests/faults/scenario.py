@@ -18,7 +18,7 @@ from typing import Any
 import requests
 from sqlalchemy import Connection, inspect, text
 
-from shared.samples import sample_event
+from cli.samples import sample_event
 from tests.faults.harness import MAX_ATTEMPTS, Stack, process_of_backend
 from tests.faults.sender import Deliverable, Poison, Sender, make_poison
 from tests.lifecycles import generate, with_duplicates

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import requests
 
-from shared.samples import sample_event
+from cli.samples import sample_event
 from tests.support import signed_headers
 
 

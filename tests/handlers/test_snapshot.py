@@ -19,9 +19,9 @@ from shared.models import (
     Subscription,
     SubscriptionHistory,
 )
-from shared.schemas import Envelope
 from tests.handlers.events import apply, at, count, make_event
 from workers.handlers import ROUTES, Delivery
+from workers.schemas import Envelope
 
 ROUNDS = 25
 

@@ -7,15 +7,20 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import insert_once, run_prebuilt, utcnow
+from shared.db import insert_once, utcnow
 from shared.ledger import ChainLink, order_chain
 from shared.models import CreditBalance, CreditEntry, Outcome
-from shared.schemas import CreditBalanceLowEvent, CreditLedgerEvent
-from workers.handlers.base import Delivery, Handler
+from workers.handlers.base import Delivery
+from workers.schemas import CreditBalanceLowEvent, CreditLedgerEvent
+from workers.statements import execute
 
 BALANCES = cast(Table, CreditBalance.__table__)
 ENTRIES = cast(Table, CreditEntry.__table__)
 ACCOUNT = ("customer_id", "credit_entitlement_id")
+# The entry's columns that are fields of Dodo's ledger entry of the same name.
+ENTRY_FIELDS = tuple(
+    c.key for c in ENTRIES.columns if c.key not in ("event_type", "webhook_id", "data")
+)
 
 # Statements built once (building them per event cost more CPU than running them).
 _LOCK = (
@@ -48,24 +53,23 @@ def _locked_balance(session: Session, customer_id: str, entitlement_id: str) -> 
     account at the same moment apply them one after the other and neither is lost.
     """
     key = {"customer_id": customer_id, "credit_entitlement_id": entitlement_id}
-    row = session.execute(_LOCK, key).mappings().first()
+    row = execute(session, _LOCK, key).mappings().first()
     if row is None:
         new = {**key, "chain_ok": True, "entry_count": 0, "updated_at": utcnow()}
-        session.execute(insert_once(_dialect(session), BALANCES, ACCOUNT), new)
-        row = session.execute(_LOCK, key).mappings().one()
+        execute(session, insert_once(_dialect(session), BALANCES, ACCOUNT), new)
+        row = execute(session, _LOCK, key).mappings().one()
     return dict(row)
 
 
 def _save(session: Session, balance: dict[str, Any], changes: dict[str, Any]) -> None:
     key = {f"key_{name}": balance[name] for name in ACCOUNT}
-    run_prebuilt(session.connection(), _UPDATE, {**changes, "updated_at": utcnow(), **key})
+    execute(session, _UPDATE, {**changes, "updated_at": utcnow(), **key})
 
 
 def recompute_balance(session: Session, customer_id: str, entitlement_id: str) -> dict[str, Any]:
     """Balance, overage and chain_ok from every entry the account holds."""
-    rows = session.execute(
-        _LEDGER, {"customer_id": customer_id, "credit_entitlement_id": entitlement_id}
-    ).all()
+    key = {"customer_id": customer_id, "credit_entitlement_id": entitlement_id}
+    rows = execute(session, _LEDGER, key).all()
     chain = order_chain([ChainLink.of(row) for row in rows])
     newest = chain.newest
     return {
@@ -82,27 +86,15 @@ def apply_credit_entry(session: Session, event: CreditLedgerEvent, delivery: Del
     """Hold the ledger entry once by its Dodo id, then derive the account's balance again."""
     entry = event.data
     balance = _locked_balance(session, entry.customer_id, entry.credit_entitlement_id)
-    inserted = run_prebuilt(
-        session.connection(),
-        insert_once(_dialect(session), ENTRIES, ("id",), ("id",)),
-        {
-            "id": entry.id,
-            "customer_id": entry.customer_id,
-            "credit_entitlement_id": entry.credit_entitlement_id,
-            "transaction_type": entry.transaction_type,
-            "event_type": event.type,
-            "is_credit": entry.is_credit,
-            "amount": entry.amount,
-            "balance_before": entry.balance_before,
-            "balance_after": entry.balance_after,
-            "overage_before": entry.overage_before,
-            "overage_after": entry.overage_after,
-            "created_at": entry.created_at,
-            "webhook_id": delivery.webhook_id,
-            "data": entry.delivered,
-        },
-    ).first()
-    if inserted is None:
+    row = {
+        **{name: getattr(entry, name) for name in ENTRY_FIELDS},
+        "event_type": event.type,
+        "webhook_id": delivery.webhook_id,
+        "data": entry.delivered,
+    }
+    inserted = execute(session, insert_once(_dialect(session), ENTRIES, ("id",), ("id",)), row)
+    inserted_id = inserted.first()
+    if inserted_id is None:
         # The same entry delivered under another delivery id: it already counts.
         return Outcome.SUPERSEDED
     newest_at = balance["last_entry_at"]
@@ -150,20 +142,3 @@ def apply_balance_low(
     }
     _save(session, balance, changes)
     return Outcome.APPLIED
-
-
-LEDGER_TYPES = (
-    "credit.added",
-    "credit.deducted",
-    "credit.expired",
-    "credit.rolled_over",
-    "credit.rollover_forfeited",
-    "credit.overage_charged",
-    "credit.manual_adjustment",
-    "credit.overage_reset",
-)
-
-ROUTES: dict[str, Handler] = {
-    **dict.fromkeys(LEDGER_TYPES, apply_credit_entry),
-    "credit.balance_low": apply_balance_low,
-}

@@ -8,73 +8,96 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import ColumnElement, Table, bindparam, inspect, select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.db import dialect_insert, insert_once, run_prebuilt, utcnow
-from shared.models import Base, Outcome, SnapshotMixin
+from shared.db import dialect_insert, insert_once, utcnow
+from shared.models import HistoryMixin, Outcome, SnapshotMixin
 from workers.handlers.base import Delivery
+from workers.schemas import (
+    DisputeEvent,
+    LicenseKeyEvent,
+    PaymentEvent,
+    RefundEvent,
+    SubscriptionEvent,
+)
+from workers.statements import execute
 
 Row = TypeVar("Row", bound=SnapshotMixin)
 
 ORDER_COLUMNS = ("last_event_at", "last_webhook_ts", "last_webhook_id")
+SnapshotEvent = PaymentEvent | RefundEvent | DisputeEvent | SubscriptionEvent | LicenseKeyEvent
 
 
 def apply_snapshot(
-    session: Session,
-    model: type[Row],
-    key: dict[str, str],
-    state: dict[str, Any],
-    *,
-    event_type: str,
-    delivered: dict[str, Any],
-    delivery: Delivery,
-    history: tuple[type[Base], dict[str, Any]] | None = None,
+    session: Session, model: type[Row], event: SnapshotEvent, delivery: Delivery
 ) -> Outcome:
-    """Write `state` to the entity's row unless the row holds an event that occurred later.
+    """Write the event's state to the entity's row unless the row holds a later event.
 
-    One `INSERT ... ON CONFLICT DO UPDATE ... WHERE held order key < this one's`: the row is
-    created, or locked and overwritten, or left alone, in one round trip. Two workers applying
-    events of one entity at once are serialised on the row lock the upsert takes, and the
-    second compares its order key with what the first committed, so no update is lost.
-    Applying the delivery that already holds the row again changes nothing.
+    The state is the model's own columns (`record_columns`), each taken from the field of
+    Dodo's object of that name. One `INSERT ... ON CONFLICT DO UPDATE ... WHERE held order
+    key < this one's`: the row is created, or locked and overwritten, or left alone, in one
+    round trip. Two workers applying events of one entity at once are serialised on the row
+    lock the upsert takes, and the second compares its order key with what the first
+    committed, so no update is lost. Applying the delivery that already holds the row again
+    changes nothing.
 
-    `history`, a history model and its row, is recorded as `record_history` does, whatever
-    the outcome; on PostgreSQL in the same statement (a data-modifying CTE), elsewhere (SQLite
-    has no such CTE) in a statement of its own.
+    A family with a history model (`model.history`) records the event there as
+    `record_history` does, whatever the outcome; on PostgreSQL in the same statement (a
+    data-modifying CTE), elsewhere (SQLite has no such CTE) in a statement of its own.
     """
+    data = event.data
     values: dict[str, Any] = {
-        **key,
-        **state,
-        "last_event_type": event_type,
+        **{name: getattr(data, name) for name in model.record_columns()},
+        "last_event_type": event.type,
         "last_event_at": delivery.event_at,
         "last_webhook_ts": delivery.webhook_ts,
         "last_webhook_id": delivery.webhook_id,
-        "data": delivered,
+        "data": data.delivered,
         "updated_at": utcnow(),
     }
     dialect = session.get_bind().dialect.name
     table = _table(model)
     upsert = _upsert(dialect, table, tuple(values))
     params = values
-    if history is not None and dialect == "postgresql":
-        history_model, row = history
-        upsert = _with_history(upsert, _table(history_model), tuple(row))
-        params = {**values, **{f"{HISTORY_PREFIX}{k}": v for k, v in row.items()}}
-    elif history is not None:
-        record_history(session, *history)
-    if run_prebuilt(session.connection(), upsert, params).first() is not None:
+    if model.history is not None:
+        step = history_row(model.history, event, delivery)
+        if dialect == "postgresql":
+            upsert = _with_history(upsert, _table(model.history), tuple(step))
+            params = {**values, **{f"{HISTORY_PREFIX}{k}": v for k, v in step.items()}}
+        else:
+            record_history(session, model.history, step)
+    if execute(session, upsert, params).first() is not None:
         return Outcome.APPLIED
     # Left alone: a later event holds the row, or this very delivery does (a replay).
-    held = session.execute(_held_key(table), key).one()
+    key = {name: values[name] for name in _primary_key(table)}
+    held = execute(session, _held_key(table), key).one()
     return Outcome.APPLIED if tuple(held) == delivery.order_key else Outcome.SUPERSEDED
 
 
-def record_history(session: Session, model: type[Base], values: dict[str, Any]) -> None:
+def history_row(
+    model: type[HistoryMixin], event: SnapshotEvent, delivery: Delivery
+) -> dict[str, Any]:
+    """The history's columns: the object's fields of those names, and the delivery's."""
+    return {
+        **{name: getattr(event.data, name) for name in model.event_columns()},
+        "webhook_id": delivery.webhook_id,
+        "type": event.type,
+        "event_at": delivery.event_at,
+        "webhook_ts": delivery.webhook_ts,
+    }
+
+
+def record_history(session: Session, model: type[HistoryMixin], values: dict[str, Any]) -> None:
     """One history row per delivery (`webhook_id` is unique): a repeat adds nothing."""
     dialect = session.get_bind().dialect.name
-    session.execute(insert_once(dialect, _table(model), ("webhook_id",)), values)
+    execute(session, insert_once(dialect, _table(model), ("webhook_id",)), values)
 
 
 def _table(model: type[Any]) -> Table:
     return cast(Table, inspect(model).local_table)
+
+
+@cache
+def _primary_key(table: Table) -> tuple[str, ...]:
+    return tuple(c.name for c in table.primary_key)
 
 
 @cache

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
+from cli.errors import CommandError
 from shared.settings import parse_secrets
 
 # The settings file `dodo-webhooks dev` writes and `send-test` reads back.
@@ -63,7 +64,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from shared.cli import CommandError
 
     try:
         return run_dev(
@@ -427,7 +427,7 @@ def readable(line: str) -> str:
 
 
 def migrate(database_url: str) -> None:
-    from shared.migrate import upgrade
+    from cli.db import upgrade
 
     try:
         upgrade(database_url)

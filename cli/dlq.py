@@ -13,8 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from cli.errors import CommandError
 from shared import deadletters
-from shared.cli import CommandError
 from shared.deadletters import FilterError
 from shared.models import EventStatus, WebhookEvent, isoformat
 from shared.settings import Settings, first_line, load_settings, redact_url

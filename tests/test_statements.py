@@ -1,4 +1,4 @@
-"""shared.db.run_prebuilt: statements compiled once, run with the processing they need."""
+"""workers.statements.run_prebuilt: statements compiled once, run with the processing they need."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any, cast
 
 from sqlalchemy import Engine, Table, bindparam, select, update
 
-from shared.db import insert_once, run_prebuilt, utcnow
+from shared.db import insert_once, utcnow
 from shared.models import CreditBalance, Payment, WebhookEvent
+from workers.statements import run_prebuilt
 
 PAYMENTS = cast(Table, Payment.__table__)
 EVENTS = cast(Table, WebhookEvent.__table__)

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import Webhook
 
-from shared.devserver import DEFAULT_DATA_DIR, DEV_ENV_FILE, read_env_file
+from cli.dev import DEFAULT_DATA_DIR, DEV_ENV_FILE, read_env_file
+from cli.errors import CommandError
 from shared.settings import parse_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/dodo"
@@ -84,7 +85,6 @@ def override_path(key: str) -> str:
 
 def resolve_target(args: argparse.Namespace) -> tuple[str, str, str | None]:
     """URL, secret and admin token: options first, then the environment, then dev's file."""
-    from shared.cli import CommandError
 
     dev = read_env_file(Path(args.data_dir) / DEV_ENV_FILE)
     url = args.url or dev.get("DODO_WEBHOOKS_URL") or DEFAULT_URL
@@ -110,8 +110,7 @@ def resolve_target(args: argparse.Namespace) -> tuple[str, str, str | None]:
 def build_request(
     event_type: str, overrides: list[str], webhook_id: str, secret: str
 ) -> tuple[bytes, dict[str, str]]:
-    from shared.cli import CommandError
-    from shared.samples import parse_override, sample_event
+    from cli.samples import parse_override, sample_event
 
     parsed: dict[str, Any] = {}
     for assignment in overrides:
@@ -143,7 +142,6 @@ def build_request(
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    from shared.cli import CommandError
 
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
@@ -159,9 +157,8 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
+    from cli.samples import sdk_event_types
     from shared.catalog import HANDLED
-    from shared.cli import CommandError
-    from shared.samples import sdk_event_types
 
     known = sdk_event_types()
     if args.list:

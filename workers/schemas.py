@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
 from pydantic import (
     AfterValidator,
@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from shared.catalog import KIND_OF, types_of
 from shared.envelope import describe_validation_error
 
 
@@ -245,44 +246,24 @@ class Envelope(BaseModel):
     timestamp: Instant
 
 
-PaymentType = Literal[
-    "payment.succeeded", "payment.failed", "payment.processing", "payment.cancelled"
-]
-RefundType = Literal["refund.succeeded", "refund.failed"]
-DisputeType = Literal[
-    "dispute.opened",
-    "dispute.expired",
-    "dispute.accepted",
-    "dispute.cancelled",
-    "dispute.challenged",
-    "dispute.won",
-    "dispute.lost",
-]
-SubscriptionType = Literal[
-    "subscription.active",
-    "subscription.updated",
-    "subscription.on_hold",
-    "subscription.renewed",
-    "subscription.plan_changed",
-    "subscription.cancelled",
-    "subscription.failed",
-    "subscription.expired",
-    "subscription.past_due",
-    "subscription.paused",
-    "subscription.unpaused",
-    "subscription.update_payment_method",
-]
-LicenseKeyType = Literal["license_key.created"]
-CreditLedgerType = Literal[
-    "credit.added",
-    "credit.deducted",
-    "credit.expired",
-    "credit.rolled_over",
-    "credit.rollover_forfeited",
-    "credit.overage_charged",
-    "credit.manual_adjustment",
-    "credit.overage_reset",
-]
+# Each event class's `type` is the Literal of its kind's types in shared/catalog.py, so a
+# type is written once; mypy sees plain strings.
+if TYPE_CHECKING:
+    PaymentType: TypeAlias = str
+    RefundType: TypeAlias = str
+    DisputeType: TypeAlias = str
+    SubscriptionType: TypeAlias = str
+    LicenseKeyType: TypeAlias = str
+    CreditLedgerType: TypeAlias = str
+    CreditBalanceLowType: TypeAlias = str
+else:
+    PaymentType = Literal[types_of("payment")]
+    RefundType = Literal[types_of("refund")]
+    DisputeType = Literal[types_of("dispute")]
+    SubscriptionType = Literal[types_of("subscription")]
+    LicenseKeyType = Literal[types_of("license_key")]
+    CreditLedgerType = Literal[types_of("credit_entry")]
+    CreditBalanceLowType = Literal[types_of("credit_balance_low")]
 
 
 class PaymentEvent(Envelope):
@@ -316,7 +297,7 @@ class CreditLedgerEvent(Envelope):
 
 
 class CreditBalanceLowEvent(Envelope):
-    type: Literal["credit.balance_low"]
+    type: CreditBalanceLowType
     data: CreditBalanceLowData
 
 
@@ -333,24 +314,20 @@ DodoEvent = Annotated[
     Field(discriminator="type"),
 ]
 
-_FAMILY_MODELS: tuple[type[Envelope], ...] = (
-    PaymentEvent,
-    RefundEvent,
-    DisputeEvent,
-    SubscriptionEvent,
-    LicenseKeyEvent,
-    CreditLedgerEvent,
-    CreditBalanceLowEvent,
-)
-
-
-def _types_of(model: type[Envelope]) -> tuple[str, ...]:
-    return tuple(get_args(model.model_fields["type"].annotation))
-
+# kind (shared/catalog.py) -> its event model.
+MODELS: dict[str, type[Envelope]] = {
+    "payment": PaymentEvent,
+    "refund": RefundEvent,
+    "dispute": DisputeEvent,
+    "subscription": SubscriptionEvent,
+    "license_key": LicenseKeyEvent,
+    "credit_entry": CreditLedgerEvent,
+    "credit_balance_low": CreditBalanceLowEvent,
+}
 
 # event type -> its envelope model. A type missing here is stored and `ignored`.
 SCHEMAS: dict[str, type[Envelope]] = {
-    event_type: model for model in _FAMILY_MODELS for event_type in _types_of(model)
+    event_type: MODELS[kind] for event_type, kind in KIND_OF.items()
 }
 
 

@@ -1,0 +1,1 @@
+"""`dodo-webhooks`, the command line: dev server, send-test, dead letters, database."""
