@@ -192,7 +192,8 @@ class TestAcceptedDeliveries:
         client = app.test_client()
         state = app.extensions["dodo"]
         first = BODY.replace("pay_1", "pay_r1")
-        assert client.post(URL, data=first, headers=signed_headers(first, webhook_id="r1"))
+        answer = client.post(URL, data=first, headers=signed_headers(first, webhook_id="r1"))
+        assert answer.status_code == 202
         # What a Redis restart does to the publisher's connection, and every other one.
         killed = state.redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "no")
         assert killed >= 1

@@ -10,11 +10,11 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from cli.samples import sample_event
 from shared.db import make_sessionmaker, transaction
 from shared.models import Base, Outcome
-from shared.samples import sample_event
-from shared.schemas import Envelope, parse_event
 from workers.handlers import ROUTES, Delivery
+from workers.schemas import Envelope, parse_event
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 _ids = itertools.count(1)
@@ -79,3 +79,26 @@ def apply_body(
 
 def delivery_for(webhook_id: str, when: datetime = T0) -> Delivery:
     return Delivery(webhook_id=webhook_id, webhook_ts=int(when.timestamp()), event_at=when)
+
+
+class WriteThenFail(RuntimeError):
+    """Raised inside the transaction after the handler wrote: what a later failure does."""
+
+
+def apply_then_fail(
+    factory: sessionmaker[Session], event: Envelope, delivery: Delivery, *models: type[Base]
+) -> list[int]:
+    """Apply in a transaction that then fails; how many rows of each model it held before.
+
+    The handler never commits: the caller checks that what it wrote went with the rollback.
+    """
+    seen: list[int] = []
+    try:
+        with transaction(factory) as session:
+            ROUTES[event.type](session, event, delivery)  # type: ignore[attr-defined]
+            for model in models:
+                seen.append(int(session.scalar(select(func.count()).select_from(model)) or 0))
+            raise WriteThenFail("the event row could not be marked final")
+    except WriteThenFail:
+        pass
+    return seen

@@ -9,8 +9,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.models import Dispute, DisputeHistory, Outcome
-from shared.schemas import EventValidationError
-from tests.handlers.events import apply, apply_body, at, count, delivery_for, make_body, make_event
+from tests.handlers.events import (
+    apply,
+    apply_body,
+    apply_then_fail,
+    at,
+    count,
+    delivery_for,
+    make_body,
+    make_event,
+)
+from workers.schemas import EventValidationError
 
 
 def history(factory: sessionmaker[Session], dispute_id: str) -> list[tuple[str, str]]:
@@ -69,12 +78,23 @@ class TestApplyDisputeEvent:
         assert count(factory, Dispute) == 1
         assert count(factory, DisputeHistory) == 1
 
-    def test_float_amount_fails_validation_and_nothing_is_written(
+    def test_float_amount_fails_validation_before_any_write(
         self, factory: sessionmaker[Session]
     ) -> None:
         body = make_body("dispute.opened", dispute_id="dis_1")
         body["data"]["amount"] = 12.34
         with pytest.raises(EventValidationError, match="amount"):
             apply_body(factory, body, delivery_for("msg_bad"))
+        assert count(factory, Dispute) == 0
+        assert count(factory, DisputeHistory) == 0
+
+
+class TestRollback:
+    def test_a_failure_after_the_handler_wrote_leaves_nothing_behind(
+        self, factory: sessionmaker[Session]
+    ) -> None:
+        """The handler never commits: what it wrote goes when the transaction fails later."""
+        event, delivery = make_event("dispute.opened", dispute_id="dsp_1")
+        assert apply_then_fail(factory, event, delivery, Dispute, DisputeHistory) == [1, 1]
         assert count(factory, Dispute) == 0
         assert count(factory, DisputeHistory) == 0

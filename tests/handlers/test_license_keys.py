@@ -6,8 +6,17 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.models import LicenseKey, Outcome
-from shared.schemas import EventValidationError
-from tests.handlers.events import apply, apply_body, at, count, delivery_for, make_body, make_event
+from tests.handlers.events import (
+    apply,
+    apply_body,
+    apply_then_fail,
+    at,
+    count,
+    delivery_for,
+    make_body,
+    make_event,
+)
+from workers.schemas import EventValidationError
 
 
 class TestApplyLicenseKeyEvent:
@@ -52,11 +61,21 @@ class TestApplyLicenseKeyEvent:
         assert apply(factory, event, delivery) is Outcome.APPLIED
         assert count(factory, LicenseKey) == 1
 
-    def test_naive_expiry_fails_validation_and_nothing_is_written(
+    def test_naive_expiry_fails_validation_before_any_write(
         self, factory: sessionmaker[Session]
     ) -> None:
         body = make_body("license_key.created", id="lk_1")
         body["data"]["expires_at"] = "2027-01-01T00:00:00"
         with pytest.raises(EventValidationError, match="expires_at"):
             apply_body(factory, body, delivery_for("msg_bad"))
+        assert count(factory, LicenseKey) == 0
+
+
+class TestRollback:
+    def test_a_failure_after_the_handler_wrote_leaves_nothing_behind(
+        self, factory: sessionmaker[Session]
+    ) -> None:
+        """The handler never commits: what it wrote goes when the transaction fails later."""
+        event, delivery = make_event("license_key.created", id="lic_1")
+        assert apply_then_fail(factory, event, delivery, LicenseKey) == [1]
         assert count(factory, LicenseKey) == 0

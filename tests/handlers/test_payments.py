@@ -6,16 +6,17 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.models import Outcome, Payment
-from shared.schemas import EventValidationError
 from tests.handlers.events import (
     apply,
     apply_body,
+    apply_then_fail,
     at,
     count,
     delivery_for,
     make_body,
     make_event,
 )
+from workers.schemas import EventValidationError
 
 
 class TestApplyPaymentEvent:
@@ -104,7 +105,7 @@ class TestApplyPaymentEvent:
             assert payment is not None
             assert payment.status == "cancelled"
 
-    def test_float_amount_fails_validation_and_nothing_is_written(
+    def test_float_amount_fails_validation_before_any_write(
         self, factory: sessionmaker[Session]
     ) -> None:
         body = make_body("payment.succeeded", payment_id="pay_1")
@@ -113,11 +114,21 @@ class TestApplyPaymentEvent:
             apply_body(factory, body, delivery_for("msg_bad"))
         assert count(factory, Payment) == 0
 
-    def test_nul_in_a_stored_field_fails_validation_and_nothing_is_written(
+    def test_nul_in_a_stored_field_fails_validation_before_any_write(
         self, factory: sessionmaker[Session]
     ) -> None:
         body = make_body("payment.succeeded", payment_id="pay_1")
         body["data"]["currency"] = "US\x00D"
         with pytest.raises(EventValidationError, match="NUL"):
             apply_body(factory, body, delivery_for("msg_bad"))
+        assert count(factory, Payment) == 0
+
+
+class TestRollback:
+    def test_a_failure_after_the_handler_wrote_leaves_nothing_behind(
+        self, factory: sessionmaker[Session]
+    ) -> None:
+        """The handler never commits: what it wrote goes when the transaction fails later."""
+        event, delivery = make_event("payment.succeeded", payment_id="pay_1")
+        assert apply_then_fail(factory, event, delivery, Payment) == [1]
         assert count(factory, Payment) == 0

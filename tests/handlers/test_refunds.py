@@ -6,8 +6,17 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.models import Outcome, Refund
-from shared.schemas import EventValidationError
-from tests.handlers.events import apply, apply_body, at, count, delivery_for, make_body, make_event
+from tests.handlers.events import (
+    apply,
+    apply_body,
+    apply_then_fail,
+    at,
+    count,
+    delivery_for,
+    make_body,
+    make_event,
+)
+from workers.schemas import EventValidationError
 
 
 class TestApplyRefundEvent:
@@ -46,11 +55,21 @@ class TestApplyRefundEvent:
         assert apply(factory, event, delivery) is Outcome.APPLIED
         assert count(factory, Refund) == 1
 
-    def test_missing_payment_id_fails_validation_and_nothing_is_written(
+    def test_missing_payment_id_fails_validation_before_any_write(
         self, factory: sessionmaker[Session]
     ) -> None:
         body = make_body("refund.succeeded", refund_id="ref_1")
         del body["data"]["payment_id"]
         with pytest.raises(EventValidationError, match="payment_id"):
             apply_body(factory, body, delivery_for("msg_bad"))
+        assert count(factory, Refund) == 0
+
+
+class TestRollback:
+    def test_a_failure_after_the_handler_wrote_leaves_nothing_behind(
+        self, factory: sessionmaker[Session]
+    ) -> None:
+        """The handler never commits: what it wrote goes when the transaction fails later."""
+        event, delivery = make_event("refund.succeeded", refund_id="ref_1")
+        assert apply_then_fail(factory, event, delivery, Refund) == [1]
         assert count(factory, Refund) == 0

@@ -7,8 +7,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.models import Outcome, Subscription, SubscriptionHistory
-from shared.schemas import EventValidationError
-from tests.handlers.events import apply, apply_body, at, count, delivery_for, make_body, make_event
+from tests.handlers.events import (
+    apply,
+    apply_body,
+    apply_then_fail,
+    at,
+    count,
+    delivery_for,
+    make_body,
+    make_event,
+)
+from workers.schemas import EventValidationError
 
 
 class TestApplySubscriptionEvent:
@@ -92,12 +101,26 @@ class TestApplySubscriptionEvent:
         assert count(factory, Subscription) == 1
         assert count(factory, SubscriptionHistory) == 1
 
-    def test_string_quantity_fails_validation_and_nothing_is_written(
+    def test_string_quantity_fails_validation_before_any_write(
         self, factory: sessionmaker[Session]
     ) -> None:
         body = make_body("subscription.active", subscription_id="sub_1")
         body["data"]["quantity"] = "3"
         with pytest.raises(EventValidationError, match="quantity"):
             apply_body(factory, body, delivery_for("msg_bad"))
+        assert count(factory, Subscription) == 0
+        assert count(factory, SubscriptionHistory) == 0
+
+
+class TestRollback:
+    def test_a_failure_after_the_handler_wrote_leaves_nothing_behind(
+        self, factory: sessionmaker[Session]
+    ) -> None:
+        """The handler never commits: what it wrote goes when the transaction fails later."""
+        event, delivery = make_event("subscription.active", subscription_id="sub_1")
+        assert apply_then_fail(factory, event, delivery, Subscription, SubscriptionHistory) == [
+            1,
+            1,
+        ]
         assert count(factory, Subscription) == 0
         assert count(factory, SubscriptionHistory) == 0
