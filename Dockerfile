@@ -26,8 +26,9 @@ COPY README.md ./
 COPY shared ./shared
 COPY ingest ./ingest
 COPY workers ./workers
+COPY cli ./cli
 RUN pip install --no-deps . \
-    && rm -rf build ./*.egg-info shared ingest workers README.md pyproject.toml
+    && rm -rf build ./*.egg-info shared ingest workers cli README.md pyproject.toml
 
 # Read from the working directory by gunicorn and by `celery -A workers flower`.
 COPY gunicorn.conf.py flowerconfig.py ./

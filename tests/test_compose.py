@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -278,6 +279,19 @@ class TestDockerfile:
         assert install_deps < source
         assert ("USER", "app") in instructions
         assert instructions[-1] == ("CMD", '["gunicorn", "ingest:create_app()"]')
+
+    def test_copies_every_package_the_project_installs(self) -> None:
+        """The `migrate` service runs `dodo-webhooks db upgrade`, which lives in cli/."""
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+        packages = {
+            p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]
+        }
+        copied = {
+            line.split()[1]
+            for line in (ROOT / "Dockerfile").read_text().splitlines()
+            if line.startswith("COPY ")
+        }
+        assert packages <= copied, packages - copied
 
     def test_dockerignore_keeps_secrets_out_of_the_image(self) -> None:
         ignored = (ROOT / ".dockerignore").read_text().splitlines()
