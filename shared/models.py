@@ -162,7 +162,7 @@ class SnapshotMixin:
         The handlers copy these from the event, the API shows them: a new field is a column
         here, a field of the schema, and a migration.
         """
-        return _record_columns(cls)
+        return _own_columns(cls, SnapshotMixin)
 
     def representation(self) -> dict[str, Any]:
         """The record as the API shows it, without `last_event`: Dodo's object as last
@@ -180,22 +180,14 @@ class SnapshotMixin:
         }
 
 
-_BOOKKEEPING = frozenset(
-    name for name, value in vars(SnapshotMixin).items() if isinstance(value, MappedColumn)
-)
-
-
-def _record_columns(model: type[SnapshotMixin]) -> tuple[str, ...]:
-    return _own_columns(model, _BOOKKEEPING)
-
-
 _COLUMNS: dict[type[Any], tuple[str, ...]] = {}
 
 
-def _own_columns(model: type[Any], inherited: frozenset[str]) -> tuple[str, ...]:
-    """The mapped table's columns but those a mixin brings, worked out once per model."""
+def _own_columns(model: type[Any], mixin: type[Any]) -> tuple[str, ...]:
+    """The mapped table's columns but those `mixin` brings, worked out once per model."""
     held = _COLUMNS.get(model)
     if held is None:
+        inherited = {name for name, value in vars(mixin).items() if isinstance(value, MappedColumn)}
         columns = inspect(model).local_table.columns
         held = _COLUMNS[model] = tuple(c.key for c in columns if c.key not in inherited)
     return held
@@ -216,7 +208,7 @@ class HistoryMixin:
     @classmethod
     def event_columns(cls) -> tuple[str, ...]:
         """The columns taken from Dodo's object (the rest describe the delivery)."""
-        return _event_columns(cls)
+        return _own_columns(cls, HistoryMixin)
 
     def step(self, entity_key: str) -> dict[str, Any]:
         """One step of the API's `history`: the object's fields but its key, the event's type
@@ -231,15 +223,6 @@ class HistoryMixin:
             "timestamp": isoformat(self.event_at),
             "webhook_id": self.webhook_id,
         }
-
-
-_DELIVERY = frozenset(
-    name for name, value in vars(HistoryMixin).items() if isinstance(value, MappedColumn)
-)
-
-
-def _event_columns(model: type[HistoryMixin]) -> tuple[str, ...]:
-    return _own_columns(model, _DELIVERY)
 
 
 class Payment(SnapshotMixin, Base):
