@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # A claimed event whose worker has not finished after this long is re-driven.
     lease_seconds: int = Field(default=300, ge=1)
+    # A claim older than this whose event row no transaction holds is taken back by beat's
+    # re-drive: its worker died (a live one holds the row from its first statement on).
+    reclaim_after_seconds: int = Field(default=20, ge=1)
     # Pending/retrying events older than this without progress are queued again by beat.
     redrive_after_seconds: int = Field(default=60, ge=1)
     redrive_interval_seconds: float = Field(default=15.0, gt=0)

@@ -138,12 +138,23 @@ def bury(
 
 @app.task(name=REDRIVE, ignore_result=True)
 def redrive() -> int:
-    """Queue again what is recorded but not moving: pending, retrying past due, lease expired."""
+    """Queue again what is recorded but not moving: pending, retrying past due, and claims
+    whose worker is gone.
+
+    A live attempt holds its event's row locked from the first statement of its transaction
+    until it commits, so a `processing` row that `SKIP LOCKED` can take and whose claim is
+    older than `RECLAIM_AFTER_SECONDS` belongs to a worker that died (SIGKILL, OOM): its lease
+    is cut short so that the next claim takes it, without waiting `LEASE_SECONDS`. A worker
+    merely paused between its claim and its transaction loses the claim this way, and its
+    finish is then fenced off by the attempt number: never two applications.
+    """
     now = utcnow()
     stale = now - timedelta(seconds=settings.redrive_after_seconds)
+    # Claimed before `now - RECLAIM_AFTER_SECONDS`: its lease runs out after this.
+    abandoned = now + timedelta(seconds=settings.lease_seconds - settings.reclaim_after_seconds)
     with transaction(database.sessions()) as session:
         rows = session.execute(
-            select(WebhookEvent.webhook_id, WebhookEvent.type)
+            select(WebhookEvent.webhook_id, WebhookEvent.type, WebhookEvent.status)
             .where(
                 or_(
                     (WebhookEvent.status == EventStatus.PENDING)
@@ -151,7 +162,7 @@ def redrive() -> int:
                     (WebhookEvent.status == EventStatus.RETRYING)
                     & (WebhookEvent.next_attempt_at < stale),
                     (WebhookEvent.status == EventStatus.PROCESSING)
-                    & (WebhookEvent.lease_expires_at < now),
+                    & (WebhookEvent.lease_expires_at < max(now, abandoned)),
                 )
             )
             .limit(5000)
@@ -159,25 +170,30 @@ def redrive() -> int:
         ).all()
         for row in rows:
             enqueue(app, row.webhook_id, row.type)
-        if rows:
-            session.execute(
-                update(WebhookEvent)
-                .where(
-                    WebhookEvent.webhook_id.in_([r.webhook_id for r in rows]),
-                    WebhookEvent.status == EventStatus.PENDING,
+        by_status: dict[str, list[str]] = {}
+        for row in rows:
+            by_status.setdefault(row.status, []).append(row.webhook_id)
+        next_look = now + timedelta(seconds=settings.redrive_after_seconds)
+        for status, values in (
+            (EventStatus.PENDING, {"enqueued_at": now}),
+            (EventStatus.RETRYING, {"next_attempt_at": next_look}),
+            (EventStatus.PROCESSING, {"lease_expires_at": now}),
+        ):
+            if by_status.get(status):
+                session.execute(
+                    update(WebhookEvent)
+                    .where(
+                        WebhookEvent.webhook_id.in_(by_status[status]),
+                        WebhookEvent.status == status,
+                    )
+                    .values(**values)
                 )
-                .values(enqueued_at=now)
-            )
-            session.execute(
-                update(WebhookEvent)
-                .where(
-                    WebhookEvent.webhook_id.in_([r.webhook_id for r in rows]),
-                    WebhookEvent.status == EventStatus.RETRYING,
-                )
-                .values(next_attempt_at=now + timedelta(seconds=settings.redrive_after_seconds))
-            )
     if rows:
-        log.info("re-drove events", extra={"step": "redrive", "count": len(rows)})
+        reclaimed = len(by_status.get(EventStatus.PROCESSING, []))
+        log.info(
+            "re-drove events",
+            extra={"step": "redrive", "count": len(rows), "reclaimed": reclaimed},
+        )
     return len(rows)
 
 

@@ -202,7 +202,7 @@ class Postgres:
 class Stack:
     """Redis, PostgreSQL, the ingest, two workers and beat, all of the test's own."""
 
-    def __init__(self) -> None:
+    def __init__(self, tuning: dict[str, str] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="dodo-faults-"))
         self.root.chmod(0o755)
         self.logs = self.root / "logs"
@@ -211,7 +211,9 @@ class Stack:
         self.pg = Postgres(self.root)
         self.ingest_port = free_port()
         self.url = f"http://127.0.0.1:{self.ingest_port}"
-        self.env = service_env(self.pg.url, self.redis.url, **TUNING)
+        self.env = service_env(
+            self.pg.url, self.redis.url, **(TUNING if tuning is None else tuning)
+        )
         self.ingest: ManagedProcess | None = None
         self.workers: dict[str, ManagedProcess] = {}
         self.beat: ManagedProcess | None = None
