@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from shared.db import make_sessionmaker
 from shared.models import EventStatus, Outcome
 from shared.settings import Settings
 from tests.dead_letter_support import store_event
-from tests.handlers.events import apply, make_body, make_event
+from tests.handlers.events import T0, apply, make_body, make_event
 from tests.support import ADMIN_TOKEN
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -59,9 +60,16 @@ def factory(clean_db: Engine) -> sessionmaker[Session]:
     return make_sessionmaker(clean_db)
 
 
-def deliver(engine: Engine, factory: sessionmaker[Session], event_type: str, **data: Any) -> str:
+def deliver(
+    engine: Engine,
+    factory: sessionmaker[Session],
+    event_type: str,
+    *,
+    when: datetime = T0,
+    **data: Any,
+) -> str:
     """An event recorded in the inbox and applied to the read model, as a worker does."""
-    event, delivery = make_event(event_type, **data)
+    event, delivery = make_event(event_type, when=when, **data)
     outcome = apply(factory, event, delivery)
     body = json.dumps(make_body(event_type, when=event.timestamp, **data))
     store_event(
