@@ -16,6 +16,7 @@ from flask import Flask, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException
 
 from ingest.console.blueprint import bp
 from ingest.state import state
@@ -108,6 +109,19 @@ def _guard() -> ResponseReturnValue | None:
     return render_template(
         "console/message.html", title="Signed out", message="Sign in again to do this."
     ), 401
+
+
+@bp.errorhandler(Exception)
+def _unexpected(exc: Exception) -> ResponseReturnValue:
+    """As the ingest everywhere: never a 500. A page, not the API's JSON."""
+    if isinstance(exc, HTTPException):
+        return exc
+    log.error("console page failed", exc_info=exc, extra={"path": request.path})
+    return render_template(
+        "console/message.html",
+        title="Temporarily unavailable",
+        message="This page could not be shown; the error is in the ingest's log.",
+    ), 503
 
 
 @bp.errorhandler(CSRFError)

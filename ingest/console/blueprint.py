@@ -38,10 +38,12 @@ def _page_headers(answer: Response) -> Response:
 
 
 @bp.app_template_filter("console_when")
-def _when(value: datetime | str | None) -> str:
+def _when(value: object) -> str:
     """A time as the console shows it: UTC to the second."""
     if value is None or value == "":
         return "—"
+    if not isinstance(value, str | datetime):
+        return str(value)
     if isinstance(value, str):
         try:
             when = datetime.fromisoformat(value)

@@ -10,10 +10,13 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest import create_app
 from shared.models import EventStatus
-from tests.console.conftest import csrf_token, deliver
+from shared.settings import Settings
+from tests.console.conftest import csrf_token, deliver, sign_in
 from tests.dead_letter_support import event_row, hours_ago, queued, store_event
 from tests.handlers.events import at
+from tests.support import free_port
 
 SCRIPT = "<script>alert('x')</script>"
 
@@ -245,3 +248,19 @@ class TestChanges:
     def test_says_the_change_feed_is_not_configured(self, admin: FlaskClient) -> None:
         page = text(admin.get("/console/changes"))
         assert "not configured yet" in page
+
+
+class TestFailures:
+    def test_an_unreachable_database_gives_a_503_page_not_a_500(self, settings: Settings) -> None:
+        gone = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere"
+        app = create_app(
+            settings.model_copy(update={"database_url": gone}), check_connections=False
+        )
+        try:
+            client = app.test_client()
+            assert sign_in(client).status_code == 302
+            answer = client.get("/console/events")
+            assert answer.status_code == 503
+            assert "Temporarily unavailable" in text(answer)
+        finally:
+            app.extensions["dodo"].close()
