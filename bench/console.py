@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="drop migration 0002_console's index first, to see what it is worth",
     )
+    parser.add_argument("--out", type=Path, help="where to write the results (JSON)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
         logs = Path(tmp)
@@ -286,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pages": rows,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    target = (
+    target = args.out or (
         RESULTS.with_name("console-without-index.json") if args.without_keyset_index else RESULTS
     )
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench.console: wrote {target}")
     expected = {"Search a payment id": 302, "Search a customer id": 302}

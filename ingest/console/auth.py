@@ -12,8 +12,8 @@ import hmac
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from flask import Flask, redirect, render_template, request, session, url_for
-from flask.sessions import SecureCookieSessionInterface
+from flask import Flask, Request, redirect, render_template, request, session, url_for
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
@@ -35,7 +35,15 @@ csrf = CSRFProtect()
 
 
 class ConsoleSessionInterface(SecureCookieSessionInterface):
-    """Flask's signed cookie, marked Secure whenever the request itself came over TLS."""
+    """Flask's signed cookie, marked Secure whenever the request itself came over TLS.
+
+    Only console requests open one: a webhook delivery or an API call pays nothing for it.
+    """
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if not request.path.startswith("/console/"):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
     def get_cookie_secure(self, app: Flask) -> bool:
         # Behind a TLS proxy, gunicorn's forwarded_allow_ips makes X-Forwarded-Proto count.

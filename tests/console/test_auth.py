@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from flask import Flask, session
+from flask.sessions import NullSession
 from flask.testing import FlaskClient
 
 from ingest import create_app
@@ -135,3 +137,14 @@ class TestMounting:
             assert "ADMIN_TOKEN" in answer.get_data(as_text=True)
         finally:
             app.extensions["dodo"].close()
+
+
+class TestOtherRoutes:
+    def test_only_console_requests_open_a_session(self, app: Flask) -> None:
+        """A webhook delivery or an API call never pays for reading a session cookie."""
+        headers = {"Cookie": "dodo_console=garbage"}
+        for path in ("/webhooks/dodo", "/api/events/msg_x", "/healthz"):
+            with app.test_request_context(path, headers=headers):
+                assert isinstance(session, NullSession), path
+        with app.test_request_context("/console/", headers=headers):
+            assert not isinstance(session, NullSession)
