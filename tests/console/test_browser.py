@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 from sqlalchemy import Engine
 
@@ -209,3 +210,15 @@ class TestSignedIn:
         logs = "".join(path.read_text(errors="replace") for path in stack[1].glob("*.log"))
         assert "console sign-in" in logs  # the sign-in was logged, without the token
         assert ADMIN_TOKEN not in logs
+
+
+class TestBehindTls:
+    def test_cookie_is_secure_when_the_tls_proxy_says_https(self, stack: tuple[str, Path]) -> None:
+        """gunicorn trusts X-Forwarded-Proto from 127.0.0.1 (FORWARDED_ALLOW_IPS' default)."""
+        plain = requests.get(f"{stack[0]}/console/login", timeout=10)
+        proxied = requests.get(
+            f"{stack[0]}/console/login", headers={"X-Forwarded-Proto": "https"}, timeout=10
+        )
+        assert "Secure" not in plain.headers["Set-Cookie"]
+        assert "Secure" in proxied.headers["Set-Cookie"]
+        assert "HttpOnly" in proxied.headers["Set-Cookie"]
