@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -110,6 +110,8 @@ class DevSettings:
     webhook_key: str
     admin_token: str
     secret_from_env: bool
+    # The console's one-click sign-in for this run: a new one-time token at each start.
+    console_login: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
     @property
     def database_url(self) -> str:
@@ -133,6 +135,7 @@ class DevSettings:
             "REDIS_URL": self.redis_url,
             "DODO_PAYMENTS_WEBHOOK_KEY": self.webhook_key,
             "ADMIN_TOKEN": self.admin_token,
+            "CONSOLE_LOGIN_TOKEN": self.console_login,
         }
 
     def write(self) -> Path:
@@ -492,6 +495,8 @@ def banner(settings: DevSettings, env_file: Path) -> str:
             "and look at it (the webhook id is in send-test's answer):",
             f'  curl -H "Authorization: Bearer {token}" '
             f"{settings.base_url}/api/events/<webhook_id>",
+            f"Console: {settings.base_url}/console/  (sign in once with one click: "
+            f"{settings.base_url}/console/login?once={settings.console_login})",
             f"Metrics: {settings.base_url}/metrics    Ctrl-C stops everything.",
             "",
         ]

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, text
 from werkzeug.exceptions import HTTPException
 
 from ingest import api, health, records, webhooks
+from ingest.console import init_console
 from ingest.metrics import ingest_metrics
 from ingest.publisher import QueueSignal
 from ingest.recording import Recorder
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
 
     for blueprint in (webhooks.bp, health.bp, api.bp, records.bp):
         app.register_blueprint(blueprint)
+    init_console(app, settings)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app

@@ -102,6 +102,8 @@ class WebhookEvent(Base):
     __table_args__ = (
         Index("ix_webhook_events_status_received_at", "status", "received_at"),
         Index("ix_webhook_events_type", "type"),
+        # The console's event list pages by keyset, newest first (migration 0002_console).
+        Index("ix_webhook_events_received_at_webhook_id", "received_at", "webhook_id"),
     )
 
     def summary(self) -> dict[str, Any]:

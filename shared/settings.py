@@ -82,12 +82,21 @@ class Settings(BaseSettings):
     beat_schedule_file: str = "celerybeat-schedule"
     log_level: str = "INFO"
 
+    # The operator console at /console/ (ingest/console): on by default, signed in with
+    # ADMIN_TOKEN. Its session cookie is signed with CONSOLE_SECRET_KEY, or a key derived
+    # from ADMIN_TOKEN when unset (changing the token then signs everyone out).
+    console_enabled: bool = True
+    console_secret_key: str | None = None
+    console_session_hours: float = Field(default=12.0, gt=0)
+    # A one-time sign-in link's token (`dodo-webhooks dev` sets it): /console/login?once=….
+    console_login_token: str | None = None
+
     @field_validator("dodo_payments_webhook_key", mode="before")
     @classmethod
     def _split_secrets(cls, value: str | list[str] | None) -> list[str]:
         return parse_secrets(value)
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "console_secret_key", "console_login_token")
     @classmethod
     def _blank_token_is_unset(cls, value: str | None) -> str | None:
         return value or None

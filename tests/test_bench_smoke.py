@@ -138,3 +138,22 @@ class TestSpread:
             "max": 3.0,
             "n": 3,
         }
+
+
+class TestConsoleBench:
+    def test_times_every_console_page_on_a_small_inbox(self, tmp_path: Path) -> None:
+        out = tmp_path / "console.json"
+        argv = ["--events", "3000", "--repeat", "1", "--out", str(out)]
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.console", *argv],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        pages = json.loads(out.read_text())["pages"]
+        assert len(pages) == 20
+        assert all(is_number(page["median_ms"]) for page in pages)
+        assert {page["page"]: page["status"] for page in pages}["Search an unknown id"] == 404

@@ -240,3 +240,28 @@ class TestReadableLines:
 
     def test_errors_are_always_shown(self) -> None:
         assert "ERROR" in readable("[2026-01-01 00:00:00,000: ERROR/MainProcess] boom")
+
+
+class TestDevConsoleLink:
+    def test_banner_link_signs_in_once_and_never_shows_the_admin_token(
+        self, tmp_path: Path
+    ) -> None:
+        port = free_port()
+        dev = start_dev("dev-console", port, tmp_path / "data", tmp_path)
+        try:
+            output = dev.output()
+            token = banner_value(output, "admin token")
+            link = next(
+                word.rstrip(")") for word in output.split() if "/console/login?once=" in word
+            )
+            assert link.startswith(f"http://127.0.0.1:{port}/console/login?once=")
+            assert token not in link
+            browser = requests.Session()
+            answer = browser.get(link, timeout=10, allow_redirects=False)
+            assert (answer.status_code, answer.headers["Location"]) == (302, "/console/")
+            overview = browser.get(f"http://127.0.0.1:{port}/console/", timeout=10)
+            assert overview.status_code == 200 and "Dead letters" in overview.text
+            again = requests.get(link, timeout=10, allow_redirects=False)
+            assert again.status_code == 401
+        finally:
+            dev.stop(signal.SIGKILL)
