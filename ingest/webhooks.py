@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -100,12 +101,18 @@ def receive() -> tuple[Response, int]:
 # What Content-Encoding may say: Dodo, like every Standard Webhooks sender, posts plain JSON.
 IDENTITY_ENCODINGS = ("", "identity")
 READ_CHUNK = 64 * 1024
+# A body refused unread is still on its way. Closing on it makes the kernel reset the
+# connection, and a client still sending sees "broken pipe" instead of our answer (gunicorn
+# drains 64 KiB only): read and drop this much of it first, in at most this long.
+DRAIN_BYTES = 8 * 1024 * 1024
+DRAIN_SECONDS = 2.0
 
 
 def check_encoding() -> None:
     """A compressed body would be refused later as "not UTF-8" or a bad signature: say why."""
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in IDENTITY_ENCODINGS:
+        discard_unread()
         raise Rejection(
             415,
             f"Content-Encoding {encoding[:40]} is not supported: send the JSON body uncompressed",
@@ -117,7 +124,8 @@ def read_body(limit: int) -> bytes:
     too_large = Rejection(413, f"body over the limit of {limit} bytes (MAX_BODY_BYTES)")
     if request.content_length is not None:
         if request.content_length > limit:
-            raise too_large  # refused from the header, before a byte of the body is read
+            discard_unread()  # refused from the header; what is read now is only dropped
+            raise too_large
         try:
             return request.get_data(cache=False)
         except RequestEntityTooLarge:
@@ -134,5 +142,28 @@ def read_body(limit: int) -> bytes:
             break
         body += chunk
     if len(body) > limit:
+        discard_unread()
         raise too_large
     return bytes(body)
+
+
+def discard_unread() -> None:
+    """Drop what the client is still sending, within DRAIN_BYTES and DRAIN_SECONDS, so that it
+    reads our refusal. A declared length past DRAIN_BYTES is answered at once."""
+    declared = request.content_length
+    if declared is not None and declared > DRAIN_BYTES:
+        return
+    # The server's own stream: it ends at the Content-Length or the last chunk.
+    raw = request.environ["wsgi.input"]
+    left = DRAIN_BYTES if declared is None else declared
+    deadline = time.monotonic() + DRAIN_SECONDS
+    try:
+        while left > 0 and time.monotonic() < deadline:
+            chunk = raw.read(min(READ_CHUNK, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+    except Exception:
+        # Whatever the client does to the rest of its body (a broken chunk, a hang-up), the
+        # answer is the refusal already decided.
+        return
