@@ -17,6 +17,7 @@ from sqlalchemy import Engine, func, select, text
 from ingest import create_app
 from ingest.app import APP_LOAD_ERROR
 from ingest.recording import record_delivery
+from ingest.verify import Rejection, read_timestamp
 from shared.catalog import queue_for
 from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
@@ -445,6 +446,29 @@ class TestHostileDeliveries:
         at = datetime.now(UTC) - timedelta(minutes=6)
         headers = signed_headers(BODY, webhook_id="msg_late", at=at)
         assert deliver(client, BODY, headers, framing).status_code == 401
+
+
+class TestReadTimestamp:
+    """`webhook-timestamp`: integer seconds, within five minutes of now either way."""
+
+    NOW = 1_767_225_600.0
+
+    @pytest.mark.parametrize("offset", [-300, 0, 300])
+    def test_the_window_includes_its_edges(self, offset: int) -> None:
+        value = str(int(self.NOW) + offset)
+        assert read_timestamp(value, now=self.NOW) == int(self.NOW) + offset
+
+    @pytest.mark.parametrize(("offset", "reason"), [(-301, "too old"), (301, "too new")])
+    def test_one_second_past_an_edge_is_401(self, offset: int, reason: str) -> None:
+        with pytest.raises(Rejection) as refused:
+            read_timestamp(str(int(self.NOW) + offset), now=self.NOW)
+        assert (refused.value.status, reason in refused.value.reason) == (401, True)
+
+    @pytest.mark.parametrize("value", ["", " ", "1767225600.0", "1_767_225_600", "١٧٦٧٢٢٥٦٠٠"])
+    def test_anything_but_ascii_digits_is_400(self, value: str) -> None:
+        with pytest.raises(Rejection) as refused:
+            read_timestamp(value, now=self.NOW)
+        assert refused.value.status == 400
 
 
 class TestMethods:
