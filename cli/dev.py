@@ -197,8 +197,9 @@ def mask(secret: str) -> str:
 
 def masker(hidden: list[str]) -> Callable[[bytes], bytes]:
     """Replace each of `hidden` by its mask in a line of a child's output."""
-    # A whsec_ secret's key part alone is as good as the secret.
-    forms = {form for h in hidden if h for form in (h, h.removeprefix("whsec_"))}
+    # A whsec_ secret's key part alone is as good as the secret. Shorter than 8 characters a
+    # string would be replaced wherever it occurs (a token `dev` in `dev@host ready.`).
+    forms = {form for h in hidden for form in (h, h.removeprefix("whsec_")) if len(form) >= 8}
     pairs = [(f.encode(), mask(f).encode()) for f in sorted(forms, key=len, reverse=True)]
 
     def redact(raw: bytes) -> bytes:

@@ -401,6 +401,9 @@ class TestMasking:
         assert mask("admin-token-from-the-environment-42") == "…t-42"
         assert mask("short-token") == "…"  # too short to show any of it
 
+    def test_a_string_too_short_to_be_a_secret_is_left_alone(self) -> None:
+        assert masker(["dev"])(b"dev@host ready.") == b"dev@host ready."
+
     def test_a_childs_output_reaches_its_log_and_the_terminal_masked(self, tmp_path: Path) -> None:
         """A real child printing the secret, its key part and the token: none survives."""
         token = "admin-token-from-the-environment-42"
