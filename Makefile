@@ -14,11 +14,11 @@ venv: ## create .venv and install the project with its test tools
 dev: ## run the whole pipeline locally (embedded broker, SQLite)
 	$(VENV_BIN)/dodo-webhooks dev
 
-test: ## the full suite (needs PostgreSQL on 127.0.0.1:5432 and redis-server on PATH)
-	$(VENV_BIN)/pytest
+test: ## the full suite; first installs what it needs and lacks (scripts/test)
+	scripts/test
 
 test-fast: ## the suite without the slow end-to-end and fault-injection tests
-	$(VENV_BIN)/pytest -m "not slow"
+	scripts/test -m "not slow"
 
 lint: ## ruff, formatting, mypy --strict
 	$(VENV_BIN)/ruff check . && $(VENV_BIN)/ruff format --check . && $(VENV_BIN)/mypy shared ingest workers

@@ -28,6 +28,8 @@ from shared.settings import parse_secrets
 # The settings file `dodo-webhooks dev` writes and `send-test` reads back.
 DEV_ENV_FILE = "dev.env"
 DEFAULT_DATA_DIR = "dev-data"
+# gunicorn workers of the dev ingest.
+INGEST_WORKERS = 2
 # The directory holding `shared/`, `ingest/` and `workers/`: the children import this code.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +112,7 @@ class DevSettings:
     webhook_key: str
     admin_token: str
     secret_from_env: bool
+    token_from_env: bool = False
     # The console's one-click sign-in for this run: a new one-time token at each start.
     console_login: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
@@ -144,10 +147,13 @@ class DevSettings:
             "# Written by `dodo-webhooks dev`; `dodo-webhooks send-test` reads it.",
             "# The secret and token are generated once and kept across runs.",
             f"DODO_WEBHOOKS_URL={self.webhook_url}",
-            f"ADMIN_TOKEN={self.admin_token}",
             f"DATABASE_URL={self.database_url}",
             f"REDIS_URL={self.redis_url}",
         ]
+        if self.token_from_env:
+            lines.append("# ADMIN_TOKEN came from the environment; not stored.")
+        else:
+            lines.append(f"ADMIN_TOKEN={self.admin_token}")
         if self.secret_from_env:
             lines.append("# DODO_PAYMENTS_WEBHOOK_KEY came from the environment; not stored.")
         else:
@@ -155,6 +161,11 @@ class DevSettings:
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)
         return path
+
+    def secrets_from_env(self) -> list[str]:
+        """What the user gave us: never printed or logged in full (a generated one is)."""
+        given = parse_secrets(self.webhook_key) if self.secret_from_env else []
+        return given + ([self.admin_token] if self.token_from_env else [])
 
 
 def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
@@ -167,11 +178,8 @@ def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
         except ValueError as exc:
             raise DevError(f"DODO_PAYMENTS_WEBHOOK_KEY: {exc}") from None
     webhook_key = given_key or kept.get("DODO_PAYMENTS_WEBHOOK_KEY") or new_secret()
-    admin_token = (
-        os.environ.get("ADMIN_TOKEN", "").strip()
-        or kept.get("ADMIN_TOKEN")
-        or secrets.token_urlsafe(24)
-    )
+    given_token = os.environ.get("ADMIN_TOKEN", "").strip()
+    admin_token = given_token or kept.get("ADMIN_TOKEN") or secrets.token_urlsafe(24)
     return DevSettings(
         data_dir=data_dir,
         port=port,
@@ -179,7 +187,30 @@ def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
         webhook_key=webhook_key,
         admin_token=admin_token,
         secret_from_env=bool(given_key),
+        token_from_env=bool(given_token),
     )
+
+
+def mask(secret: str) -> str:
+    """Enough to tell which secret it is, not enough to use it: `whsec_…LaSw`."""
+    prefix = "whsec_" if secret.startswith("whsec_") else ""
+    rest = secret.removeprefix(prefix)
+    return f"{prefix}…{rest[-4:]}" if len(rest) >= 16 else f"{prefix}…"
+
+
+def masker(hidden: list[str]) -> Callable[[bytes], bytes]:
+    """Replace each of `hidden` by its mask in a line of a child's output."""
+    # A whsec_ secret's key part alone is as good as the secret. Shorter than 8 characters a
+    # string would be replaced wherever it occurs (a token `dev` in `dev@host ready.`).
+    forms = {form for h in hidden for form in (h, h.removeprefix("whsec_")) if len(form) >= 8}
+    pairs = [(f.encode(), mask(f).encode()) for f in sorted(forms, key=len, reverse=True)]
+
+    def redact(raw: bytes) -> bytes:
+        for secret, masked in pairs:
+            raw = raw.replace(secret, masked)
+        return raw
+
+    return redact
 
 
 # ---------------------------------------------------------------- the embedded broker
@@ -249,16 +280,30 @@ class Child:
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
-    def show_output(self, echo: Callable[[str, str], None]) -> None:
+    def show_output(
+        self, echo: Callable[[str, str], None], redact: Callable[[bytes], bytes] = bytes
+    ) -> threading.Thread:
+        """Each line of the child's output, `redact`ed, to its log file and to `echo`."""
         assert self.proc is not None
-        threading.Thread(
-            target=self._pump, args=(self.proc.stdout, echo), name=f"log-{self.name}", daemon=True
-        ).start()
+        pump = threading.Thread(
+            target=self._pump,
+            args=(self.proc.stdout, echo, redact),
+            name=f"log-{self.name}",
+            daemon=True,
+        )
+        pump.start()
+        return pump
 
-    def _pump(self, stream: IO[bytes] | None, echo: Callable[[str, str], None]) -> None:
+    def _pump(
+        self,
+        stream: IO[bytes] | None,
+        echo: Callable[[str, str], None],
+        redact: Callable[[bytes], bytes],
+    ) -> None:
         assert stream is not None
-        with self.log_path.open("ab") as log:
-            for raw in iter(stream.readline, b""):
+        with stream, self.log_path.open("ab") as log:
+            for line in iter(stream.readline, b""):
+                raw = redact(line)
                 log.write(raw)
                 log.flush()
                 echo(self.name, raw.decode(errors="replace").rstrip())
@@ -312,7 +357,7 @@ def children(settings: DevSettings, concurrency: int) -> list[Child]:
                 "--bind",
                 f"127.0.0.1:{settings.port}",
                 "--workers",
-                "2",
+                str(INGEST_WORKERS),
                 "--graceful-timeout",
                 "5",
                 "--access-logfile",
@@ -376,10 +421,20 @@ class Console:
         self._out = out
         self._verbose = verbose
         self._lock = threading.Lock()
+        self.closed = False
+        # Called once when the terminal or pipe we print to is gone.
+        self.on_closed: Callable[[], None] = lambda: None
 
     def say(self, text: str) -> None:
         with self._lock:
-            print(text, file=self._out, flush=True)
+            if self.closed:
+                return
+            try:
+                print(text, file=self._out, flush=True)
+            except BrokenPipeError:
+                # `dev | head` and the reader left: stop everything, without a word.
+                self.closed = True
+                self.on_closed()
 
     def echo(self, name: str, line: str) -> None:
         shown = line if self._verbose else readable(line)
@@ -468,24 +523,38 @@ def stop_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def banner(settings: DevSettings, env_file: Path) -> str:
-    token = settings.admin_token
+def banner(settings: DevSettings, env_file: Path, concurrency: int) -> str:
     data_dir = settings.data_dir
     send = "dodo-webhooks send-test payment.succeeded"
     if data_dir.resolve() != Path(DEFAULT_DATA_DIR).resolve():
         send += f" --data-dir {data_dir}"
-    secret_note = (
-        "from DODO_PAYMENTS_WEBHOOK_KEY"
-        if settings.secret_from_env
-        else f"test secret, kept in {env_file}"
-    )
+    if settings.secret_from_env:
+        send += "   (with DODO_PAYMENTS_WEBHOOK_KEY set there too)"
+    if settings.secret_from_env:
+        given = parse_secrets(settings.webhook_key)
+        secret = " ".join(mask(s) for s in given)
+        secret_note = "from DODO_PAYMENTS_WEBHOOK_KEY, masked"
+    else:
+        secret, secret_note = settings.webhook_key, f"test secret, kept in {env_file}"
+    if settings.token_from_env:
+        shown_token, token_note, token = (
+            mask(settings.admin_token),
+            "  (from ADMIN_TOKEN, masked)",
+            "$ADMIN_TOKEN",
+        )
+    else:
+        shown_token = token = settings.admin_token
+        token_note = ""
+    pool = f"{concurrency} process{'es' if concurrency != 1 else ''}"
     return "\n".join(
         [
             "",
-            "dodo-webhooks dev is running: ingest, 1 Celery worker, beat, embedded broker, SQLite",
+            "dodo-webhooks dev is running",
+            f"  processes     ingest (gunicorn, {INGEST_WORKERS} workers), Celery worker "
+            f"({pool}, --concurrency {concurrency}), beat",
             f"  webhook URL   {settings.webhook_url}",
-            f"  secret        {settings.webhook_key}  ({secret_note})",
-            f"  admin token   {token}",
+            f"  secret        {secret}  ({secret_note})",
+            f"  admin token   {shown_token}{token_note}",
             f"  database      {settings.database_url}",
             f"  broker        {settings.redis_url}  (fakeredis, in memory)",
             f"  logs          {data_dir / 'logs'}/",
@@ -549,15 +618,19 @@ def run_dev(
         "REDRIVE_AFTER_SECONDS": os.environ.get("REDRIVE_AFTER_SECONDS", "10"),
     }
     procs = children(settings, concurrency)
+    redact = masker(settings.secrets_from_env())
     code = 0
     with stop_signals() as stop:
+        console.on_closed = stop.set
+        if console.closed:
+            stop.set()
         try:
             # The broker's socket is listening already; its thread and the log readers start
             # once every child is forked (see _die_with_parent).
             for child in procs:
                 child.start(env, data_dir)
             for child in procs:
-                child.show_output(console.echo)
+                child.show_output(console.echo, redact)
             broker.start()
             ingest = procs[0]
             if not wait_for_http(
@@ -575,7 +648,7 @@ def run_dev(
                         )
                     )
             else:
-                console.say(banner(settings, env_file))
+                console.say(banner(settings, env_file, concurrency))
             while not stop.wait(0.5):
                 dead = [c for c in procs if c.exit_code() is not None]
                 if dead:
@@ -592,4 +665,6 @@ def run_dev(
                 child.stop(timeout=15)
             broker.stop()
     console.say("dev: stopped")
+    if console.closed:
+        raise BrokenPipeError  # the command line ends quietly, with the status of `| head`
     return code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from standardwebhooks.webhooks import Webhook
+from werkzeug.test import TestResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -212,3 +215,32 @@ def celery_worker(
         yield proc
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------- how a body is framed
+
+FRAMINGS = ("content-length", "chunked")
+
+
+def deliver(
+    client: FlaskClient, body: str | bytes, headers: dict[str, str], framing: str
+) -> TestResponse:
+    """POST the body with a Content-Length, or chunked as gunicorn hands it to the app: no
+    length, a stream the server ends itself (`wsgi.input_terminated`)."""
+    data = body.encode() if isinstance(body, str) else body
+    if framing == "content-length":
+        return client.post("/webhooks/dodo", data=data, headers=headers)
+    return client.post(
+        "/webhooks/dodo",
+        input_stream=io.BytesIO(data),
+        headers={**headers, "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+
+
+def body_of_length(length: int, *, payment_id: str = "pay_size") -> str:
+    """A valid event envelope padded to exactly `length` bytes."""
+    bare = envelope(
+        "payment.succeeded", {"payment_id": payment_id, "pad": ""}, timestamp="2026-01-01T00:00:00Z"
+    )
+    return bare.replace('"pad": ""', '"pad": "' + "x" * (length - len(bare)) + '"')

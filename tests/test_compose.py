@@ -67,7 +67,7 @@ APP_SERVICES = ("migrate", "ingest", "worker", "beat", "flower")
 
 def docker_compose() -> str:
     found = shutil.which("docker-compose")
-    assert found, "docker-compose is not installed (apt-get install docker-compose; .ci/run does)"
+    assert found, "docker-compose is not installed (apt-get install docker-compose; make test does)"
     return found
 
 

@@ -7,13 +7,25 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import requests
 
-from cli.dev import DEV_ENV_FILE, DevError, dev_settings, read_env_file, readable
-from tests.support import VENV_BIN, ManagedProcess, free_port, wait_until
+from cli.dev import (
+    DEV_ENV_FILE,
+    Child,
+    DevError,
+    banner,
+    dev_settings,
+    mask,
+    masker,
+    read_env_file,
+    readable,
+)
+from cli.main import OUTPUT_CLOSED
+from tests.support import OLD_SECRET, ROOT, SECRET, VENV_BIN, ManagedProcess, free_port, wait_until
 
 DEV_ENV = {
     # The user's own settings must not leak into the dev server under test.
@@ -59,10 +71,20 @@ def banner_value(output: str, label: str) -> str:
     raise AssertionError(f"{label!r} not in the dev server's output:\n{output}")
 
 
-def start_dev(name: str, port: int, data_dir: Path, log_dir: Path) -> ManagedProcess:
+def start_dev(
+    name: str,
+    port: int,
+    data_dir: Path,
+    log_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    extra: list[str] | None = None,
+) -> ManagedProcess:
     """`dodo-webhooks dev` as the README runs it, once its banner is printed."""
-    argv = [str(VENV_BIN / "dodo-webhooks"), "dev", "--port", str(port)]
-    dev = ManagedProcess(name, [*argv, "--data-dir", str(data_dir)], DEV_ENV, log_dir)
+    argv = [str(VENV_BIN / "dodo-webhooks"), "dev", "--port", str(port), *(extra or [])]
+    dev = ManagedProcess(
+        name, [*argv, "--data-dir", str(data_dir)], {**DEV_ENV, **(env or {})}, log_dir
+    )
     try:
         wait_until(
             lambda: "Ctrl-C stops everything" in dev.output(),
@@ -171,6 +193,95 @@ class TestDevCommand:
         assert "--port" in result.stderr
         assert not (tmp_path / "dev-data").exists()
 
+    def test_secrets_from_the_environment_are_masked_in_the_banner_and_absent_from_the_data_dir(
+        self, tmp_path: Path
+    ) -> None:
+        """The banner says what runs; a secret or token the user gave appears nowhere in full."""
+        data_dir = tmp_path / "data"
+        port = free_port()
+        token = "admin-token-from-the-environment-42"
+        given = {"DODO_PAYMENTS_WEBHOOK_KEY": f"{SECRET},{OLD_SECRET}", "ADMIN_TOKEN": token}
+        dev = start_dev(
+            "dev-env", port, data_dir, tmp_path, env=given, extra=["--concurrency", "3"]
+        )
+        try:
+            output = dev.output()
+            assert "Celery worker (3 processes, --concurrency 3)" in output
+            assert banner_value(output, "secret") == mask(SECRET)
+            assert banner_value(output, "admin token") == mask(token)
+            assert 'Bearer $ADMIN_TOKEN"' in output
+            sent = subprocess.run(
+                [
+                    str(VENV_BIN / "dodo-webhooks"),
+                    "send-test",
+                    "payment.succeeded",
+                    "--data-dir",
+                    str(data_dir),
+                    "--json",
+                ],
+                env={**os.environ, **DEV_ENV, **given, "PYTHONPATH": str(ROOT)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
+            assert sent.returncode == 0, sent.stderr
+            webhook_id = json.loads(sent.stdout)["webhook_id"]
+            wait_until(
+                lambda: (
+                    requests.get(
+                        f"http://127.0.0.1:{port}/api/events/{webhook_id}",
+                        headers={"Authorization": f"Bearer {token}"},
+                        timeout=5,
+                    ).json()["status"]
+                    == "processed"
+                ),
+                timeout=60,
+                what=f"event processed; output:\n{dev.output()}",
+            )
+            os.killpg(dev.pid, signal.SIGINT)
+            assert dev.proc.wait(timeout=45) == 0, dev.output()
+            output = dev.output()
+        finally:
+            dev.stop(signal.SIGKILL)
+        hidden = [SECRET, SECRET.removeprefix("whsec_"), OLD_SECRET, token]
+        assert not [h for h in hidden if h in output]
+        written = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
+        assert {p.name for p in (data_dir / "logs").iterdir()} == {
+            "ingest.log",
+            "worker.log",
+            "beat.log",
+        }
+        assert b"POST /webhooks/dodo 202" in written[data_dir / "logs" / "ingest.log"]
+        leaks = [(p, h) for p, data in written.items() for h in hidden if h.encode() in data]
+        assert not leaks
+
+    def test_dev_whose_reader_left_stops_everything_quietly(self, tmp_path: Path) -> None:
+        """`dodo-webhooks dev | head -3`: no traceback, the children stopped, the port free."""
+        port = free_port()
+        dev = subprocess.Popen(
+            [str(VENV_BIN / "dodo-webhooks"), "dev", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **DEV_ENV, "PYTHONPATH": str(ROOT)},
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+        try:
+            assert dev.stdout is not None and dev.stderr is not None
+            first = [dev.stdout.readline() for _ in range(3)]
+            assert first[0].startswith(b"dev: migrating")
+            dev.stdout.close()
+            assert dev.wait(timeout=90) == OUTPUT_CLOSED
+            with dev.stderr:
+                assert dev.stderr.read() == b""
+        finally:
+            if dev.poll() is None:
+                os.killpg(dev.pid, signal.SIGKILL)
+                dev.wait()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # the ingest let go of it
+
 
 class TestDevSettings:
     def test_generated_secret_and_token_are_kept_across_runs(
@@ -194,6 +305,16 @@ class TestDevSettings:
         settings.write()
         assert settings.child_env()["DODO_PAYMENTS_WEBHOOK_KEY"] == own
         assert "DODO_PAYMENTS_WEBHOOK_KEY" not in read_env_file(tmp_path / DEV_ENV_FILE)
+
+    def test_admin_token_from_the_environment_is_not_written(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("ADMIN_TOKEN", "admin-token-from-the-environment-42")
+        settings = dev_settings(tmp_path, 8000, 6400)
+        settings.write()
+        assert settings.child_env()["ADMIN_TOKEN"] == "admin-token-from-the-environment-42"
+        assert "ADMIN_TOKEN" not in read_env_file(tmp_path / DEV_ENV_FILE)
+        assert "admin-token" not in (tmp_path / DEV_ENV_FILE).read_text()
 
     def test_malformed_secret_in_the_environment_is_one_line_naming_it(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -265,3 +386,63 @@ class TestDevConsoleLink:
             assert again.status_code == 401
         finally:
             dev.stop(signal.SIGKILL)
+
+
+class TestBanner:
+    def test_says_what_runs_and_prints_a_generated_secret_in_full(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("DODO_PAYMENTS_WEBHOOK_KEY", raising=False)
+        monkeypatch.delenv("ADMIN_TOKEN", raising=False)
+        settings = dev_settings(tmp_path, 8000, 6400)
+        text = banner(settings, settings.write(), 2)
+        assert (
+            "processes     ingest (gunicorn, 2 workers), Celery worker "
+            "(2 processes, --concurrency 2), beat"
+        ) in text
+        assert "1 Celery worker" not in text
+        assert banner_value(text, "secret") == settings.webhook_key
+        assert banner_value(text, "admin token") == settings.admin_token
+        assert f"Bearer {settings.admin_token}" in text
+
+    def test_masks_every_secret_and_the_token_from_the_environment(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("DODO_PAYMENTS_WEBHOOK_KEY", f"{SECRET} {OLD_SECRET}")
+        monkeypatch.setenv("ADMIN_TOKEN", "admin-token-from-the-environment-42")
+        settings = dev_settings(tmp_path, 8000, 6400)
+        text = banner(settings, settings.write(), 1)
+        assert "Celery worker (1 process, --concurrency 1)" in text
+        assert f"secret        {mask(SECRET)} {mask(OLD_SECRET)}  (from DODO_PAYMENTS" in text
+        for hidden in (SECRET.removeprefix("whsec_"), OLD_SECRET.removeprefix("whsec_")):
+            assert hidden not in text
+        assert "admin-token-from" not in text
+        assert banner_value(text, "admin token") == "…t-42"
+
+
+class TestMasking:
+    def test_a_mask_keeps_the_prefix_and_the_last_four_characters(self) -> None:
+        assert mask(SECRET) == "whsec_…LaSw"
+        assert mask("admin-token-from-the-environment-42") == "…t-42"
+        assert mask("short-token") == "…"  # too short to show any of it
+
+    def test_a_string_too_short_to_be_a_secret_is_left_alone(self) -> None:
+        assert masker(["dev"])(b"dev@host ready.") == b"dev@host ready."
+
+    def test_a_childs_output_reaches_its_log_and_the_terminal_masked(self, tmp_path: Path) -> None:
+        """A real child printing the secret, its key part and the token: none survives."""
+        token = "admin-token-from-the-environment-42"
+        script = (
+            "import os; k = os.environ['DODO_PAYMENTS_WEBHOOK_KEY']; "
+            "print('key', k, 'part', k[6:], 'token', os.environ['ADMIN_TOKEN'])"
+        )
+        child = Child("leaky", [sys.executable, "-c", script], tmp_path / "leaky.log")
+        env = {**os.environ, "DODO_PAYMENTS_WEBHOOK_KEY": SECRET, "ADMIN_TOKEN": token}
+        child.start(env, tmp_path)
+        shown: list[str] = []
+        pump = child.show_output(lambda _name, line: shown.append(line), masker([SECRET, token]))
+        pump.join(timeout=30)
+        child.stop(timeout=5)
+        logged = (tmp_path / "leaky.log").read_text()
+        assert logged.split() == ["key", mask(SECRET), "part", "…LaSw", "token", mask(token)]
+        assert shown == [logged.rstrip("\n")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -16,14 +17,18 @@ from sqlalchemy import Engine, func, select, text
 from ingest import create_app
 from ingest.app import APP_LOAD_ERROR
 from ingest.recording import record_delivery
+from ingest.verify import Rejection, read_timestamp
 from shared.catalog import queue_for
 from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
 from tests.support import (
+    FRAMINGS,
     OLD_SECRET,
     ROOT,
     SECRET,
     VENV_BIN,
+    body_of_length,
+    deliver,
     envelope,
     free_port,
     signed_headers,
@@ -284,8 +289,10 @@ def tamper(headers: dict[str, str], **changes: str) -> dict[str, str]:
 NOW = datetime.now(UTC)
 
 
+@pytest.mark.parametrize("framing", FRAMINGS)
 class TestHostileDeliveries:
-    """Each is refused with its status, and nothing is recorded."""
+    """Each is refused with its status, and nothing is recorded — with a Content-Length or
+    chunked."""
 
     @pytest.mark.parametrize(
         ("mutate", "status"),
@@ -293,75 +300,178 @@ class TestHostileDeliveries:
             (lambda h: {k: v for k, v in h.items() if k != "webhook-id"}, 401),
             (lambda h: {k: v for k, v in h.items() if k != "webhook-timestamp"}, 401),
             (lambda h: {k: v for k, v in h.items() if k != "webhook-signature"}, 401),
+            (lambda h: tamper(h, webhook_signature=""), 401),
             (lambda h: tamper(h, webhook_timestamp=str(int(NOW.timestamp()) - 400)), 401),
             (lambda h: tamper(h, webhook_timestamp=str(int(NOW.timestamp()) + 400)), 401),
-            (lambda h: tamper(h, webhook_timestamp="soon"), 401),
             (lambda h: tamper(h, webhook_timestamp="-1"), 401),
             (lambda h: tamper(h, webhook_timestamp="9" * 40), 401),
-            (lambda h: tamper(h, webhook_timestamp="1e400"), 401),
-            (lambda h: tamper(h, webhook_timestamp="nan"), 401),
+            (lambda h: tamper(h, webhook_timestamp="-" + "9" * 40), 401),
+            (lambda h: tamper(h, webhook_timestamp="abc"), 400),
+            (lambda h: tamper(h, webhook_timestamp="soon"), 400),
+            (lambda h: tamper(h, webhook_timestamp="1e400"), 400),
+            (lambda h: tamper(h, webhook_timestamp="nan"), 400),
+            (lambda h: tamper(h, webhook_timestamp=str(int(NOW.timestamp())) + ".5"), 400),
+            (lambda h: tamper(h, webhook_timestamp="0x" + format(int(NOW.timestamp()), "x")), 400),
+            (lambda h: tamper(h, webhook_timestamp="+" + str(int(NOW.timestamp()))), 400),
+            (lambda h: tamper(h, webhook_timestamp="-"), 400),
             (lambda h: tamper(h, webhook_signature="v1"), 400),
             (lambda h: tamper(h, webhook_signature="v1,a,b"), 400),
             (lambda h: tamper(h, webhook_signature="v1,abc"), 400),
             (lambda h: tamper(h, webhook_signature="v2,c2lnbmF0dXJl"), 401),
+            (lambda h: tamper(h, webhook_signature="v1,c2lnbmF0dXJl"), 401),
             (lambda h: tamper(h, webhook_id="has space"), 400),
             (lambda h: tamper(h, webhook_id="m" * 256), 400),
+            (lambda h: tamper(h, webhook_id="msg_\u00e9"), 400),
         ],
         ids=[
             "no-id",
             "no-timestamp",
             "no-signature",
+            "empty-signature",
             "timestamp-too-old",
             "timestamp-too-new",
-            "timestamp-not-numeric",
             "timestamp-negative",
             "timestamp-enormous",
+            "timestamp-enormous-negative",
+            "timestamp-abc",
+            "timestamp-word",
             "timestamp-overflow",
             "timestamp-nan",
+            "timestamp-fraction",
+            "timestamp-hex",
+            "timestamp-plus-sign",
+            "timestamp-only-minus",
             "v1-without-comma",
             "v1-two-commas",
             "signature-not-base64",
             "only-unknown-scheme",
+            "v1-that-does-not-match",
             "id-with-space",
             "id-too-long",
+            "id-not-ascii",
         ],
     )
     def test_malformed_headers_are_refused(
-        self, client: FlaskClient, clean_db: Engine, mutate: object, status: int
+        self, client: FlaskClient, clean_db: Engine, framing: str, mutate: object, status: int
     ) -> None:
         headers = mutate(signed_headers(BODY, webhook_id="msg_h"))  # type: ignore[operator]
-        answer = client.post(URL, data=BODY, headers=headers)
-        assert answer.status_code == status
+        answer = deliver(client, BODY, headers, framing)
+        assert answer.status_code == status, answer.json
         assert "error" in answer.json
         assert recorded(clean_db) == 0
 
-    def test_body_changed_after_signing_is_401(self, client: FlaskClient, clean_db: Engine) -> None:
+    def test_malformed_timestamp_is_400_naming_the_header(
+        self, client: FlaskClient, framing: str
+    ) -> None:
+        """The standardwebhooks library calls it "Invalid Signature Headers", a 401."""
+        headers = tamper(signed_headers(BODY, webhook_id="msg_ts"), webhook_timestamp="abc")
+        answer = deliver(client, BODY, headers, framing)
+        assert answer.status_code == 400
+        assert "webhook-timestamp" in answer.json["error"]
+
+    def test_body_changed_after_signing_is_401(
+        self, client: FlaskClient, clean_db: Engine, framing: str
+    ) -> None:
         headers = signed_headers(BODY, webhook_id="msg_t")
-        answer = client.post(URL, data=BODY.replace("pay_1", "pay_2"), headers=headers)
+        answer = deliver(client, BODY.replace("pay_1", "pay_2"), headers, framing)
         assert answer.status_code == 401
         assert recorded(clean_db) == 0
 
-    def test_non_utf8_body_is_400(self, client: FlaskClient, clean_db: Engine) -> None:
+    def test_non_utf8_body_is_400(
+        self, client: FlaskClient, clean_db: Engine, framing: str
+    ) -> None:
         headers = signed_headers(BODY, webhook_id="msg_u")
-        answer = client.post(URL, data=b"\xff\xfe" + BODY.encode(), headers=headers)
+        answer = deliver(client, b"\xff\xfe" + BODY.encode(), headers, framing)
         assert answer.status_code == 400
         assert recorded(clean_db) == 0
 
-    def test_body_over_the_limit_is_413(
-        self, client: FlaskClient, clean_db: Engine, settings: Settings
+    def test_body_at_the_limit_is_accepted(
+        self, client: FlaskClient, clean_db: Engine, settings: Settings, framing: str
     ) -> None:
-        big = json.dumps({"pad": "x" * settings.max_body_bytes})
-        answer = client.post(URL, data=big, headers=signed_headers(big, webhook_id="msg_big"))
+        body = body_of_length(settings.max_body_bytes)
+        assert len(body.encode()) == settings.max_body_bytes
+        answer = deliver(client, body, signed_headers(body, webhook_id="msg_max"), framing)
+        assert answer.status_code == 202, answer.json
+        assert answer.json["status"] == "queued"
+        assert bytes(event_row(clean_db, "msg_max").body) == body.encode()
+
+    def test_body_one_byte_over_the_limit_is_413_naming_it(
+        self, client: FlaskClient, clean_db: Engine, settings: Settings, framing: str
+    ) -> None:
+        body = body_of_length(settings.max_body_bytes + 1)
+        answer = deliver(client, body, signed_headers(body, webhook_id="msg_big"), framing)
+        assert answer.status_code == 413
+        assert str(settings.max_body_bytes) in answer.json["error"]
+        assert "MAX_BODY_BYTES" in answer.json["error"]
+        assert recorded(clean_db) == 0
+
+    def test_body_over_the_limit_signed_over_its_first_limit_bytes_is_413(
+        self, client: FlaskClient, clean_db: Engine, settings: Settings, framing: str
+    ) -> None:
+        """Cut at the limit and verified, this one would pass the signature check."""
+        body = body_of_length(settings.max_body_bytes) + "x"
+        head = body[: settings.max_body_bytes]
+        answer = deliver(client, body, signed_headers(head, webhook_id="msg_cut"), framing)
         assert answer.status_code == 413
         assert recorded(clean_db) == 0
 
+    def test_body_three_times_the_limit_is_413(
+        self, client: FlaskClient, clean_db: Engine, settings: Settings, framing: str
+    ) -> None:
+        body = body_of_length(3 * settings.max_body_bytes)
+        answer = deliver(client, body, signed_headers(body, webhook_id="msg_3x"), framing)
+        assert answer.status_code == 413
+        assert recorded(clean_db) == 0
+
+    @pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "x-unknown"])
+    def test_compressed_body_is_415_naming_the_encoding(
+        self, client: FlaskClient, clean_db: Engine, framing: str, encoding: str
+    ) -> None:
+        """Dodo sends plain JSON; a compressed body is refused with what is wrong, not as
+        "not UTF-8" or a bad signature."""
+        compressed = gzip.compress(BODY.encode())
+        headers = {**signed_headers(BODY, webhook_id="msg_gz"), "Content-Encoding": encoding}
+        answer = deliver(client, compressed, headers, framing)
+        assert answer.status_code == 415
+        assert answer.json["error"].startswith(f"Content-Encoding {encoding} is not supported")
+        assert recorded(clean_db) == 0
+
+    def test_identity_encoding_is_accepted(self, client: FlaskClient, framing: str) -> None:
+        headers = {**signed_headers(BODY, webhook_id="msg_id"), "Content-Encoding": "identity"}
+        assert deliver(client, BODY, headers, framing).status_code == 202
+
     def test_signature_outside_the_window_is_401_even_when_correct(
-        self, client: FlaskClient
+        self, client: FlaskClient, framing: str
     ) -> None:
         at = datetime.now(UTC) - timedelta(minutes=6)
         headers = signed_headers(BODY, webhook_id="msg_late", at=at)
-        assert client.post(URL, data=BODY, headers=headers).status_code == 401
+        assert deliver(client, BODY, headers, framing).status_code == 401
 
+
+class TestReadTimestamp:
+    """`webhook-timestamp`: integer seconds, within five minutes of now either way."""
+
+    NOW = 1_767_225_600.0
+
+    @pytest.mark.parametrize("offset", [-300, 0, 300])
+    def test_the_window_includes_its_edges(self, offset: int) -> None:
+        value = str(int(self.NOW) + offset)
+        assert read_timestamp(value, now=self.NOW) == int(self.NOW) + offset
+
+    @pytest.mark.parametrize(("offset", "reason"), [(-301, "too old"), (301, "too new")])
+    def test_one_second_past_an_edge_is_401(self, offset: int, reason: str) -> None:
+        with pytest.raises(Rejection) as refused:
+            read_timestamp(str(int(self.NOW) + offset), now=self.NOW)
+        assert (refused.value.status, reason in refused.value.reason) == (401, True)
+
+    @pytest.mark.parametrize("value", ["", " ", "1767225600.0", "1_767_225_600", "١٧٦٧٢٢٥٦٠٠"])
+    def test_anything_but_ascii_digits_is_400(self, value: str) -> None:
+        with pytest.raises(Rejection) as refused:
+            read_timestamp(value, now=self.NOW)
+        assert refused.value.status == 400
+
+
+class TestMethods:
     def test_get_is_405_json(self, client: FlaskClient) -> None:
         answer = client.get(URL)
         assert answer.status_code == 405

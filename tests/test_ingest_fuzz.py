@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -13,12 +16,14 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import Engine, select
 
 from ingest import create_app
+from shared.models import WebhookEvent
 from shared.settings import Settings
-from tests.support import SECRET, gunicorn, signed_headers
+from tests.support import FRAMINGS, SECRET, body_of_length, deliver, gunicorn, signed_headers
 
-ALLOWED = {200, 202, 400, 401, 405, 413}
+ALLOWED = {200, 202, 400, 401, 405, 413, 415}
 # Header values a client can put on the wire: latin-1, no line breaks.
 header_text = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"),
@@ -66,6 +71,7 @@ class TestArbitraryInput:
         timestamp=st.one_of(timestamps, st.none()),
         signature=st.one_of(signatures, st.none()),
         body=bodies,
+        framing=st.sampled_from(FRAMINGS),
     )
     def test_unsigned_noise_never_gets_a_5xx(
         self,
@@ -74,6 +80,7 @@ class TestArbitraryInput:
         timestamp: str | None,
         signature: str | None,
         body: bytes,
+        framing: str,
     ) -> None:
         headers = {
             name: value
@@ -84,17 +91,17 @@ class TestArbitraryInput:
             )
             if value is not None
         }
-        answer = client.post("/webhooks/dodo", data=body, headers=headers)
+        answer = deliver(client, body, headers, framing)
         assert answer.status_code in ALLOWED, answer.get_data(as_text=True)
 
     @FUZZ
-    @given(webhook_id=header_text, body=st.text(max_size=600))
+    @given(webhook_id=header_text, body=st.text(max_size=600), framing=st.sampled_from(FRAMINGS))
     def test_correctly_signed_arbitrary_bodies_are_kept_or_refused_never_5xx(
-        self, client: FlaskClient, webhook_id: str, body: str
+        self, client: FlaskClient, webhook_id: str, body: str, framing: str
     ) -> None:
         """Signed garbage reaches the envelope reader and the database: still no 5xx."""
         headers = signed_headers(body, webhook_id=webhook_id, secret=SECRET)
-        answer = client.post("/webhooks/dodo", data=body.encode(), headers=headers)
+        answer = deliver(client, body, headers, framing)
         assert answer.status_code in ALLOWED, answer.get_data(as_text=True)
         if answer.status_code in (200, 202):
             assert answer.json["webhook_id"] == webhook_id
@@ -107,6 +114,16 @@ class TestRawHttpUnderGunicorn:
         garbage = [
             b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}",
             b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"FFFFFFFFFFFFFFFFFFFF\r\n{}\r\n0\r\n\r\n",
+            b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"200000\r\n{}",
+            b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}XX0\r\n\r\n",
+            b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 2\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n\r\n",
             b"POST /webhooks/dodo HTTP/1.1\r\nHost: x\r\nwebhook-id: \xff\xfe\r\n"
             b"Content-Length: 2\r\n\r\n{}",
             b"\x00\x01\x02 garbage\r\n\r\n",
@@ -135,3 +152,70 @@ class TestRawHttpUnderGunicorn:
                 )
                 answer = sock.recv(200)
             assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def post_over_http(url: str, body: bytes, headers: dict[str, str], framing: str) -> tuple[int, str]:
+    """One POST to a real server: with a Content-Length, or in 16 KiB chunks with none."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        if framing == "content-length":
+            conn.request("POST", "/webhooks/dodo", body=body, headers=headers)
+        else:
+            chunks = (body[i : i + 16384] for i in range(0, len(body), 16384))
+            conn.request(
+                "POST", "/webhooks/dodo", body=chunks, headers=headers, encode_chunked=True
+            )
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+class TestBodyLimitUnderGunicorn:
+    """MAX_BODY_BYTES holds however the body is framed: at the limit it is kept, past it 413."""
+
+    def test_at_the_limit_is_recorded_and_one_byte_over_is_413_naming_the_limit(
+        self,
+        env: dict[str, str],
+        settings: Settings,
+        clean_db: Engine,
+        tmp_path: Path,
+        framing: str,
+    ) -> None:
+        limit = settings.max_body_bytes
+        at_limit = body_of_length(limit)
+        over = body_of_length(limit + 1)
+        cut = over[:limit]  # signed over its first `limit` bytes: verifies if the rest is dropped
+        with gunicorn(env, tmp_path) as url:
+            status, text = post_over_http(
+                url, at_limit.encode(), signed_headers(at_limit, webhook_id="msg_at"), framing
+            )
+            assert status == 202, text
+            for webhook_id, signed_over in (("msg_over", over), ("msg_cut", cut)):
+                headers = signed_headers(signed_over, webhook_id=webhook_id)
+                status, text = post_over_http(url, over.encode(), headers, framing)
+                assert status == 413, text
+                assert json.loads(text)["error"] == (
+                    f"body over the limit of {limit} bytes (MAX_BODY_BYTES)"
+                )
+        assert recorded_ids(clean_db) == ["msg_at"]
+
+    def test_three_mib_is_refused_413_and_the_client_reads_it(
+        self, env: dict[str, str], clean_db: Engine, tmp_path: Path, framing: str
+    ) -> None:
+        """Not a broken pipe: the rest of the body is read and dropped before the answer."""
+        with gunicorn(env, tmp_path) as url:
+            for n in range(10):
+                big = body_of_length(3 * 1024 * 1024, payment_id=f"pay_{n}")
+                headers = signed_headers(big, webhook_id=f"msg_3mib_{n}")
+                status, text = post_over_http(url, big.encode(), headers, framing)
+                assert status == 413, text
+            assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+        assert recorded_ids(clean_db) == []
+
+
+def recorded_ids(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(WebhookEvent.webhook_id)).scalars())
