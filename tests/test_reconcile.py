@@ -1,0 +1,402 @@
+"""`dodo-webhooks reconcile` against a fake Dodo API of the tests' own (tests/fake_dodo.py), a
+real PostgreSQL and a real Celery worker applying what it records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from cli.main import main
+from shared.db import make_sessionmaker
+from shared.models import (
+    CreditBalance,
+    CreditEntry,
+    EventStatus,
+    LicenseKey,
+    Payment,
+    ReconcileRun,
+    Refund,
+    Subscription,
+    WebhookEvent,
+)
+from shared.settings import Settings
+from tests import fake_dodo as dodo
+from tests.handlers.events import make_event
+from tests.support import celery_worker, wait_until
+from workers.handlers import ROUTES
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+API_KEY = "test-api-key"
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[dodo.FakeDodo]:
+    with dodo.fake_dodo(tmp_path, api_key=API_KEY) as api:
+        yield api
+
+
+@pytest.fixture
+def reconcile_env(
+    settings: Settings, fake: dodo.FakeDodo, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """The command's environment, as a user sets it."""
+    values = {
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "DODO_PAYMENTS_API_KEY": API_KEY,
+        "DODO_PAYMENTS_BASE_URL": fake.url,
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["reconcile", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    code, out, err = run(capsys, "--json", *args)
+    assert code == 0, err
+    return dict(json.loads(out))
+
+
+def count(engine: Engine, model: Any) -> int:
+    with Session(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def all_final(engine: Engine) -> bool:
+    with Session(engine) as session:
+        open_events = session.scalar(
+            select(func.count())
+            .select_from(WebhookEvent)
+            .where(WebhookEvent.status.not_in([EventStatus.PROCESSED, EventStatus.IGNORED]))
+        )
+    return open_events == 0 and count(engine, WebhookEvent) > 0
+
+
+def apply_local(engine: Engine, event_type: str, *, when: datetime, **data: Any) -> None:
+    """State the read model already holds, from an event applied as the worker would."""
+    event, delivery = make_event(event_type, when=when, **data)
+    factory = make_sessionmaker(engine)
+    with factory() as session, session.begin():
+        ROUTES[event_type](session, event, delivery)
+
+
+def merchant(
+    payments: int = 250, subscriptions: int = 120, license_keys: int = 110
+) -> dict[str, Any]:
+    """A merchant's account at Dodo: several pages of each family, and two credit ledgers."""
+    entries = dodo.ledger("cde_1", "cus_1", [100, -10, -20, 50, -5], start=at(0))
+    entries += dodo.ledger("cde_1", "cus_2", [40, -15], start=at(0))
+    return {
+        "payments": [
+            dodo.payment(f"pay_{n:04d}", created_at=at(n), customer_id=f"cus_{n % 3 + 1}")
+            for n in range(payments)
+        ],
+        "refunds": [
+            dodo.refund(
+                f"ref_{n:03d}",
+                created_at=at(n),
+                payment_id=f"pay_{n:04d}",
+                status="pending" if n == 0 else "succeeded",
+            )
+            for n in range(30)
+        ],
+        "disputes": [
+            dodo.dispute(f"dis_{n:03d}", created_at=at(n), payment_id=f"pay_{n:04d}")
+            for n in range(15)
+        ],
+        "subscriptions": [
+            dodo.subscription(
+                f"sub_{n:04d}", created_at=at(n), status="paused" if n == 0 else "active"
+            )
+            for n in range(subscriptions)
+        ],
+        "license_keys": [
+            dodo.license_key(f"lic_{n:04d}", created_at=at(n)) for n in range(license_keys)
+        ],
+        "credit_entitlements": [dodo.entitlement("cde_1", created_at=at(0))],
+        "balances": [
+            dodo.balance("cde_1", "cus_1", balance="115", at=at(10)),
+            dodo.balance("cde_1", "cus_2", balance="25", at=at(10)),
+        ],
+        "ledger": entries,
+    }
+
+
+class TestBackfill:
+    def test_an_empty_read_model_is_filled_and_a_second_run_records_nothing(
+        self,
+        reconcile_env: dict[str, str],
+        env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        fake.put_state(merchant())
+        with celery_worker(env, tmp_path):
+            first = run_json(capsys)
+            wait_until(lambda: all_final(clean_db), timeout=120, what="events applied")
+            second = run_json(capsys)
+        families = first["families"]
+        assert families["payments"] == {
+            "listed": 250,
+            "missing": 250,
+            "differs": 0,
+            "recorded": 250,
+            "malformed": 0,
+        }
+        assert families["subscriptions"]["recorded"] == 120
+        assert families["license_keys"]["recorded"] == 110
+        assert families["refunds"]["recorded"] == 30
+        assert families["disputes"]["recorded"] == 15
+        assert families["credits"]["missing"] == 7
+        assert count(clean_db, Payment) == 250
+        assert count(clean_db, Subscription) == 120
+        assert count(clean_db, LicenseKey) == 110
+        assert count(clean_db, CreditEntry) == 7
+        with Session(clean_db) as session:
+            paused = session.get(Subscription, "sub_0000")
+            pending = session.get(Refund, "ref_000")
+            credits = session.get(CreditBalance, ("cus_1", "cde_1"))
+            dead = session.scalar(
+                select(func.count())
+                .select_from(WebhookEvent)
+                .where(WebhookEvent.status != EventStatus.PROCESSED)
+            )
+        assert paused is not None and paused.status == "paused"
+        assert paused.last_event_type == "subscription.paused"
+        # No webhook type names a pending refund: its state comes through all the same.
+        assert pending is not None and pending.status == "pending"
+        assert pending.last_event_type == "refund.reconciled"
+        assert pending.data["customer"]["customer_id"] == "cus_1"  # retrieved: the list lacks it
+        assert credits is not None and credits.chain_ok and credits.balance == 115
+        assert dead == 0
+        assert second["totals"]["recorded"] == 0
+        assert second["totals"]["missing"] == 0 and second["totals"]["differs"] == 0
+        assert count(clean_db, ReconcileRun) == 2
+
+    def test_pages_are_asked_for_from_zero_one_by_one(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The SDK's own paging would go 0, 2, 3: page 1 must be asked for too."""
+        fake.put_state(merchant(payments=250))
+        run_json(capsys, "--family", "payments", "--dry-run")
+        pages = [r["query"]["page_number"] for r in fake.requests() if r["path"] == "/payments"]
+        assert pages == ["0", "1", "2"]
+
+    def test_a_window_over_the_page_cap_is_listed_in_halves(
+        self,
+        reconcile_env: dict[str, str],
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        with dodo.fake_dodo(tmp_path, api_key=API_KEY, max_page=2) as small:
+            monkeypatch.setenv("DODO_PAYMENTS_BASE_URL", small.url)
+            monkeypatch.setattr("shared.reconcile.MAX_PAGES", 3)
+            small.put_state(merchant(payments=700))
+            report = run_json(capsys, "--family", "payments", "--dry-run")
+            statuses = {r["status"] for r in small.requests()}
+        assert report["families"]["payments"]["listed"] == 700
+        assert statuses == {200}
+
+
+class TestCorrections:
+    def test_older_local_state_is_corrected_and_newer_local_state_kept(
+        self,
+        reconcile_env: dict[str, str],
+        env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        future = datetime.now(UTC) + timedelta(hours=1)
+        apply_local(clean_db, "subscription.active", when=at(1), subscription_id="sub_old")
+        apply_local(clean_db, "subscription.active", when=future, subscription_id="sub_new")
+        fake.put_state(
+            {
+                "subscriptions": [
+                    dodo.subscription("sub_old", created_at=at(0), status="cancelled"),
+                    dodo.subscription("sub_new", created_at=at(0), status="on_hold"),
+                ]
+            }
+        )
+        with celery_worker(env, tmp_path):
+            report = run_json(capsys, "--family", "subscriptions")
+            wait_until(lambda: all_final(clean_db), timeout=60, what="events applied")
+            again = run_json(capsys, "--family", "subscriptions")
+        assert report["families"]["subscriptions"]["differs"] == 2
+        assert {d["id"]: d["fields"]["status"] for d in report["differences"]} == {
+            "sub_old": {"local": "active", "api": "cancelled"},
+            "sub_new": {"local": "active", "api": "on_hold"},
+        }
+        with Session(clean_db) as session:
+            old = session.get(Subscription, "sub_old")
+            new = session.get(Subscription, "sub_new")
+            outcomes = dict(
+                session.execute(select(WebhookEvent.webhook_id, WebhookEvent.outcome)).all()
+            )
+        assert old is not None and old.status == "cancelled"
+        assert old.last_event_type == "subscription.cancelled"
+        assert new is not None and new.status == "active"  # the later webhook's state stays
+        by_entity = {k.split("_")[3]: v for k, v in outcomes.items() if k.startswith("reconcile_")}
+        assert by_entity == {"old": "applied", "new": "superseded"}
+        # sub_new still differs, but the same difference is not recorded twice.
+        assert again["families"]["subscriptions"]["differs"] == 1
+        assert again["families"]["subscriptions"]["recorded"] == 0
+
+    def test_a_ledger_with_a_hole_is_healed(
+        self,
+        reconcile_env: dict[str, str],
+        env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        entries = dodo.ledger("cde_1", "cus_1", [100, -10, -20, 50], start=at(0))
+        for entry in (entries[0], entries[1], entries[3]):
+            event_type = "credit.added" if entry["is_credit"] else "credit.deducted"
+            apply_local(clean_db, event_type, when=at(5), **entry)
+        with Session(clean_db) as session:
+            broken = session.get(CreditBalance, ("cus_1", "cde_1"))
+            assert broken is not None and not broken.chain_ok
+        fake.put_state(
+            {
+                "credit_entitlements": [dodo.entitlement("cde_1", created_at=at(0))],
+                "balances": [dodo.balance("cde_1", "cus_1", balance="120", at=at(9))],
+                "ledger": entries,
+            }
+        )
+        with celery_worker(env, tmp_path):
+            report = run_json(capsys, "--family", "credits")
+            wait_until(lambda: all_final(clean_db), timeout=60, what="events applied")
+            again = run_json(capsys, "--family", "credits")
+        assert report["families"]["credits"]["missing"] == 1
+        assert [d["id"] for d in report["differences"]] == [entries[2]["id"]]
+        with Session(clean_db) as session:
+            healed = session.get(CreditBalance, ("cus_1", "cde_1"))
+        assert healed is not None and healed.chain_ok and healed.balance == 120
+        assert healed.entry_count == 4
+        assert again["families"]["credits"] == {
+            "listed": 1,
+            "missing": 0,
+            "differs": 0,
+            "recorded": 0,
+            "malformed": 0,
+        }
+
+
+class TestDryRun:
+    def test_dry_run_shows_the_differences_and_writes_nothing(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        apply_local(clean_db, "payment.processing", when=at(1), payment_id="pay_0001")
+        fake.put_state(merchant(payments=3, subscriptions=0, license_keys=0))
+        before = count(clean_db, WebhookEvent)
+        code, out, _ = run(capsys, "--dry-run", "--family", "payments")
+        assert code == 0
+        assert "payments pay_0000: missing locally" in out
+        assert "payments pay_0001: status 'processing' -> 'succeeded'" in out
+        assert "dry run: nothing recorded" in out
+        assert count(clean_db, WebhookEvent) == before
+        assert count(clean_db, ReconcileRun) == 0
+
+
+class TestBadConditions:
+    def test_a_429_and_a_500_on_the_way_are_retried(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        fake.put_state(merchant(payments=150, subscriptions=0, license_keys=0))
+        fake.fail_next({"status": 429, "retry_after": 1}, {"status": 500})
+        report = run_json(capsys, "--family", "payments")
+        assert report["families"]["payments"]["recorded"] == 150
+        statuses = [r["status"] for r in fake.requests() if r["path"] == "/payments"]
+        assert statuses == [429, 500, 200, 200]
+        assert count(clean_db, WebhookEvent) == 150
+
+    def test_a_wrong_key_is_one_line_and_exit_1(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        monkeypatch.setenv("DODO_PAYMENTS_API_KEY", "not-the-key")
+        code, out, err = run(capsys)
+        assert code == 1 and out == ""
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "DODO_PAYMENTS_API_KEY" in err and "401" in err
+
+    def test_a_missing_key_is_one_line_and_exit_1(
+        self,
+        reconcile_env: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        monkeypatch.delenv("DODO_PAYMENTS_API_KEY")
+        code, _, err = run(capsys)
+        assert code == 1
+        assert err.startswith("dodo-webhooks: DODO_PAYMENTS_API_KEY is not set")
+        assert err.count("\n") == 1
+
+    def test_an_unreachable_api_is_one_line_and_exit_1(
+        self,
+        reconcile_env: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        from tests.support import free_port
+
+        monkeypatch.setenv("DODO_PAYMENTS_BASE_URL", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setattr("shared.reconcile.SDK_MAX_RETRIES", 0)
+        code, _, err = run(capsys, "--family", "payments")
+        assert code == 1
+        assert "cannot reach Dodo's API at http://127.0.0.1:" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+
+    def test_a_malformed_object_is_skipped_counted_and_reported(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        state = merchant(payments=3, subscriptions=0, license_keys=0)
+        del state["payments"][1]["total_amount"]
+        fake.put_state(state)
+        code, out, _ = run(capsys, "--family", "payments")
+        assert code == 1
+        assert "problem: payments: malformed object skipped: pay_0001: total_amount missing" in out
+        with Session(clean_db) as session:
+            recorded = list(session.scalars(select(WebhookEvent.webhook_id)))
+        assert sorted(r.split("_")[3] for r in recorded) == ["0000", "0002"]
