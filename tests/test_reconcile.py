@@ -14,6 +14,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from cli.main import main
+from ingest.metrics import render_metrics
 from shared.db import make_sessionmaker
 from shared.models import (
     CreditBalance,
@@ -400,3 +401,48 @@ class TestBadConditions:
         with Session(clean_db) as session:
             recorded = list(session.scalars(select(WebhookEvent.webhook_id)))
         assert sorted(r.split("_")[3] for r in recorded) == ["0000", "0002"]
+
+
+class TestPeriodicRun:
+    def test_beat_reconciles_every_interval_and_metrics_show_the_last_run(
+        self,
+        env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        tmp_path: Path,
+    ) -> None:
+        fake.put_state(merchant(payments=120, subscriptions=5, license_keys=5))
+        periodic = {
+            **env,
+            "DODO_PAYMENTS_API_KEY": API_KEY,
+            "DODO_PAYMENTS_BASE_URL": fake.url,
+            "RECONCILE_INTERVAL_SECONDS": "2",
+            "BEAT_SCHEDULE_FILE": str(tmp_path / "beat-schedule"),
+        }
+
+        def runs() -> list[ReconcileRun]:
+            with Session(clean_db) as session:
+                return list(session.scalars(select(ReconcileRun).order_by(ReconcileRun.id)))
+
+        # -B: beat inside the worker, with the schedule `celery -A workers beat` runs.
+        with celery_worker(periodic, tmp_path, extra=["-B"]):
+            wait_until(lambda: count(clean_db, Payment) == 120, timeout=90, what="payments")
+            # Runs while the first run's events are in flight still see them missing.
+            wait_until(
+                lambda: runs()[-1].missing + runs()[-1].differs == 0,
+                timeout=60,
+                what="a run that finds nothing to do",
+            )
+        done = runs()
+        assert all(run.trigger == "beat" and run.error is None for run in done)
+        assert done[0].counts["payments"]["recorded"] == 120
+        assert sum(run.recorded for run in done) == done[0].recorded  # nothing twice
+        text = render_metrics(clean_db).decode()
+        assert "dodo_webhooks_reconcile_last_run_ok 1.0" in text
+        assert 'dodo_webhooks_reconcile_differences{family="payments"} 0.0' in text
+        assert "dodo_webhooks_reconcile_last_run_timestamp_seconds" in text
+
+    def test_beat_schedules_no_reconcile_by_default(self) -> None:
+        from workers.tasks import app
+
+        assert "reconcile-with-dodo" not in app.conf.beat_schedule
