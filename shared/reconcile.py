@@ -607,12 +607,21 @@ class Reconciler:
     def _windows(
         self, family: SnapshotFamily, start: datetime, until: datetime, report: Report
     ) -> Iterator[tuple[list[Any], datetime, float]]:
-        """Pages of created_at windows, newest window last; a window with more than
-        MAX_PAGES pages is listed again as two halves (objects repeat: deduplicated by id)."""
+        """Pages of created_at windows, each with the seconds of the range it finished.
+
+        Dodo caps page_number, so a window still full after MAX_PAGES pages is listed on in
+        smaller ones: when its pages came newest first (as Dodo lists), only what is older
+        than the oldest object seen is left, [gte, oldest] (inclusive: ties are asked for
+        again); otherwise the window is listed again as two halves. Objects met twice are
+        deduplicated by id.
+        """
         stack = [(start, until)]
         while stack:
             gte, lte = stack.pop()
             span = (lte - gte).total_seconds()
+            newest_first = True
+            oldest: datetime | None = None
+            fetched_at = self.now()
             for page in range(MAX_PAGES):
                 params: dict[str, Any] = {
                     "created_at_gte": gte,
@@ -624,20 +633,27 @@ class Reconciler:
                     params["customer_id"] = self.customer_id
                 fetched_at = self.now()
                 items = self.api.list_objects(family.name, **params)
+                for created in _created_ats(items):
+                    if oldest is not None and created > oldest:
+                        newest_first = False
+                    oldest = created if oldest is None else min(oldest, created)
                 full = len(items) >= PAGE_SIZE
-                yield items, fetched_at, (span if not full else 0.0)
+                yield items, fetched_at, (0.0 if full else span)
                 if not full:
                     break
             else:
-                if lte - gte <= MIN_WINDOW:
+                if newest_first and oldest is not None and gte < oldest < lte:
+                    stack.append((gte, oldest))
+                    yield [], fetched_at, (lte - oldest).total_seconds()
+                elif lte - gte > MIN_WINDOW:
+                    middle = gte + (lte - gte) / 2
+                    stack.extend([(middle, lte), (gte, middle)])
+                else:
                     report.problems.append(
                         f"{family.name}: more than {MAX_PAGES * PAGE_SIZE} objects created "
                         f"between {gte.isoformat()} and {lte.isoformat()}: the rest not listed"
                     )
                     yield [], fetched_at, span
-                    continue
-                middle = gte + (lte - gte) / 2
-                stack.extend([(middle, lte), (gte, middle)])
 
     def _compare_page(
         self,
@@ -822,6 +838,18 @@ class Reconciler:
                 .limit(1)
             ).first()
         return oldest is not None and oldest.balance_before == 0 and oldest.overage_before == 0
+
+
+def _created_ats(items: list[Any]) -> Iterator[datetime]:
+    for item in items:
+        value = item.get("created_at") if isinstance(item, dict) else None
+        if isinstance(value, str):
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError:
+                continue
+            if when.tzinfo is not None:
+                yield when
 
 
 def _unique_pages(fetch: Callable[[int], list[Any]], key: str) -> list[Any]:

@@ -157,7 +157,8 @@ class Handler(BaseHTTPRequestHandler):
         if page > self.store.max_page:
             return 422, {"message": f"page_number is capped at {self.store.max_page}"}, {}
         if len(parts) == 1 and parts[0] in FAMILIES:
-            return self._list(parts[0], state.get(parts[0], []), query, page, size)
+            by_id = state.get("order") == "by_id"
+            return self._list(parts[0], state.get(parts[0], []), query, page, size, by_id)
         if len(parts) == 2 and parts[0] in FAMILIES:
             key = KEYS[parts[0]]
             for obj in state.get(parts[0], []):
@@ -195,7 +196,9 @@ class Handler(BaseHTTPRequestHandler):
         query: dict[str, str],
         page: int,
         size: int,
+        by_id: bool,
     ) -> tuple[int, Any, dict[str, str]]:
+        """Newest first, as Dodo lists; by id instead when the state says `"order": "by_id"`."""
         rows = objects
         if "created_at_gte" in query:
             gte = _when(query["created_at_gte"])
@@ -205,7 +208,12 @@ class Handler(BaseHTTPRequestHandler):
             rows = [o for o in rows if _when(o["created_at"]) <= lte]
         if "customer_id" in query:
             rows = [o for o in rows if _customer(o) == query["customer_id"]]
-        rows = sorted(rows, key=lambda o: (o["created_at"], str(o.get(KEYS[family]))), reverse=True)
+        if by_id:
+            rows = sorted(rows, key=lambda o: str(o.get(KEYS[family])))
+        else:
+            rows = sorted(
+                rows, key=lambda o: (o["created_at"], str(o.get(KEYS[family]))), reverse=True
+            )
         fields = self.store.list_fields.get(family)
         items = _page(rows, page, size)
         if fields is not None:

@@ -4,6 +4,7 @@ real PostgreSQL and a real Celery worker applying what it records."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -205,21 +206,28 @@ class TestBackfill:
         pages = [r["query"]["page_number"] for r in fake.requests() if r["path"] == "/payments"]
         assert pages == ["0", "1", "2"]
 
-    def test_a_window_over_the_page_cap_is_listed_in_halves(
+    @pytest.mark.parametrize("order", ["newest_first", "by_id"])
+    def test_a_window_over_the_page_cap_is_listed_in_smaller_ones(
         self,
+        order: str,
         reconcile_env: dict[str, str],
         tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
+        """Newest first, the rest is what is older than the oldest seen; in another order,
+        the window is split in halves: either way every object is listed once."""
         with dodo.fake_dodo(tmp_path, api_key=API_KEY, max_page=2) as small:
             monkeypatch.setenv("DODO_PAYMENTS_BASE_URL", small.url)
             monkeypatch.setattr("shared.reconcile.MAX_PAGES", 3)
-            small.put_state(merchant(payments=700))
+            small.put_state({**merchant(payments=700), "order": order})
             report = run_json(capsys, "--family", "payments", "--dry-run")
             statuses = {r["status"] for r in small.requests()}
         assert report["families"]["payments"]["listed"] == 700
-        assert statuses == {200}
+        assert report["families"]["payments"]["missing"] == 700
+        assert len({d["id"] for d in report["differences"]}) == 700
+        assert statuses == {200}  # never past the cap
+        assert report["problems"] == []
 
 
 class TestCorrections:
@@ -446,3 +454,52 @@ class TestPeriodicRun:
         from workers.tasks import app
 
         assert "reconcile-with-dodo" not in app.conf.beat_schedule
+
+
+@pytest.mark.slow
+class TestAFewThousandObjects:
+    def test_a_backfill_of_thousands_stays_within_the_rate_allowed(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The figures in the README: calls made, time taken, the highest rate in any second."""
+        rate = 20
+        monkeypatch.setenv("RECONCILE_REQUESTS_PER_SECOND", str(rate))
+        state = merchant(payments=3000, subscriptions=1000, license_keys=500)
+        state["refunds"] = [
+            dodo.refund(f"ref_{n:04d}", created_at=at(n), payment_id=f"pay_{n:04d}")
+            for n in range(300)
+        ]
+        state["disputes"] = [
+            dodo.dispute(f"dis_{n:04d}", created_at=at(n), payment_id=f"pay_{n:04d}")
+            for n in range(100)
+        ]
+        state["balances"] = []
+        state["ledger"] = []
+        for n in range(50):
+            customer = f"cus_c{n:03d}"
+            entries = dodo.ledger("cde_1", customer, [100] + [-1] * 19, start=at(n))
+            state["ledger"] += entries
+            state["balances"].append(dodo.balance("cde_1", customer, balance="81", at=at(30)))
+        fake.put_state(state)
+        started = time.monotonic()
+        report = run_json(capsys)
+        elapsed = time.monotonic() - started
+        calls = fake.requests()
+        times = sorted(r["at"] for r in calls)
+        busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+        objects = sum(report["families"][f]["listed"] for f in report["families"])
+        print(
+            f"\nreconcile: {objects} objects listed ({report['totals']['recorded']} events "
+            f"recorded), {len(calls)} API calls in {elapsed:.1f} s, at most {busiest} in any "
+            f"second (allowed {rate}/s)"
+        )
+        assert report["totals"]["recorded"] == 3000 + 1000 + 500 + 300 + 100 + 50 * 20
+        assert report["api_calls"] == len(calls)
+        assert busiest <= rate + 1
+        # Pages of 100, a retrieve per refund and dispute, one ledger read per account.
+        assert len(calls) <= 31 + 11 + 6 + (4 + 300) + (2 + 100) + (1 + 1 + 50)
