@@ -16,12 +16,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from sqlalchemy import Boolean, Integer, Table, inspect, select
+from sqlalchemy import Boolean, Engine, Integer, Table, func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import BigInteger
 
@@ -61,6 +62,8 @@ SOURCE_HEADER: Final = "dodo-webhooks-source"
 # After the SDK's own retries of a 429, this many more waits before a run gives up.
 RATE_LIMIT_WAITS: Final = 5
 RATE_LIMIT_WAIT_CAP: Final = 120.0
+# PostgreSQL advisory lock held by the run that writes: one at a time, beat's or a command's.
+RUN_LOCK_KEY: Final = 0x646F646F5243  # "dodoRC"
 # The SDK retries 408, 409, 429, 5xx and lost connections itself, with backoff (a
 # Retry-After of up to 60 s obeyed); this many times a request.
 SDK_MAX_RETRIES = 4
@@ -68,6 +71,10 @@ SDK_MAX_RETRIES = 4
 
 class ReconcileError(Exception):
     """A condition that stops the run, in one line (the key, the API, the database)."""
+
+
+class AlreadyRunning(ReconcileError):
+    """Another reconciliation (beat's or a command's) holds the run lock."""
 
 
 class MalformedObject(ValueError):
@@ -726,15 +733,20 @@ class Reconciler:
                 f"DATABASE_URL: could not record events: {first_line(exc)}"
             ) from None
         counts.recorded += len(recorded)
-        if self.enqueue is None:
-            return
         for event in recorded:
+            if self.enqueue is None:
+                return
             try:
                 self.enqueue(event.webhook_id, event.type)
                 report.queued += 1
-            except Exception:
-                # Recorded and pending: beat's re-drive queues it.
-                continue
+            except Exception as exc:
+                # Recorded and pending: beat's re-drive queues them. Trying each of thousands
+                # against a Redis that is away would take seconds apiece.
+                self.enqueue = None
+                report.problems.append(
+                    f"REDIS_URL: could not queue ({first_line(exc)}); the events not queued "
+                    "stay pending and beat's re-drive queues them"
+                )
 
     # -- credits -----------------------------------------------------------------------
 
@@ -928,17 +940,48 @@ def reconcile(
     )
     error: str | None = None
     try:
-        reconciler.run(families, report)
-    except ReconcileError as exc:
-        error = str(exc)
-        raise
+        with nullcontext() if dry_run else _run_lock(sessions):
+            try:
+                reconciler.run(families, report)
+            except ReconcileError as exc:
+                error = str(exc)
+                raise
+            finally:
+                report.api_calls = api.calls
+                report.finished_at = utcnow()
+                if not dry_run:
+                    _save_run(sessions, report, trigger, error)
     finally:
-        report.api_calls = api.calls
-        report.finished_at = utcnow()
         api.close()
-        if not dry_run:
-            _save_run(sessions, report, trigger, error)
     return report
+
+
+@contextmanager
+def _run_lock(sessions: sessionmaker[Session]) -> Iterator[None]:
+    """Hold the run lock (a session-level advisory lock on PostgreSQL) while writing.
+
+    Two runs at once would only record the same ids twice over, but at twice the API calls.
+    """
+    engine: Engine = sessions.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    try:
+        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        got = conn.scalar(select(func.pg_try_advisory_lock(RUN_LOCK_KEY)))
+    except Exception as exc:
+        raise ReconcileError(f"DATABASE_URL: cannot take the run lock: {first_line(exc)}") from None
+    try:
+        if not got:
+            raise AlreadyRunning(
+                "another reconciliation is running (beat's or a command's): run again later"
+            )
+        yield
+    finally:
+        if got:
+            with suppress(Exception):
+                conn.scalar(select(func.pg_advisory_unlock(RUN_LOCK_KEY)))
+        conn.close()
 
 
 def _save_run(

@@ -503,3 +503,105 @@ class TestAFewThousandObjects:
         assert busiest <= rate + 1
         # Pages of 100, a retrieve per refund and dispute, one ledger read per account.
         assert len(calls) <= 31 + 11 + 6 + (4 + 300) + (2 + 100) + (1 + 1 + 50)
+
+
+class TestFilters:
+    def test_since_and_customer_narrow_what_is_listed(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        fake.put_state(merchant(payments=300, subscriptions=0, license_keys=0))
+        since = at(150).isoformat()
+        report = run_json(
+            capsys, "--family", "payments", "--since", since, "--customer", "cus_2", "--dry-run"
+        )
+        # Payments 150..299 of customer cus_2 (n % 3 == 1).
+        assert report["families"]["payments"]["listed"] == len(
+            [n for n in range(150, 300) if n % 3 == 1]
+        )
+        (first, *_) = [r for r in fake.requests() if r["path"] == "/payments"]
+        assert first["query"]["customer_id"] == "cus_2"
+        assert datetime.fromisoformat(first["query"]["created_at_gte"]) == at(150)
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--family", "payments,invoices"], "--family: unknown invoices"),
+            (["--since", "last tuesday"], "--since: 'last tuesday' is not an ISO date"),
+        ],
+    )
+    def test_a_bad_flag_is_one_line_and_exit_1(
+        self,
+        args: list[str],
+        message: str,
+        reconcile_env: dict[str, str],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        code, out, err = run(capsys, *args)
+        assert code == 1 and out == ""
+        assert err.startswith(f"dodo-webhooks: {message}") and err.count("\n") == 1
+
+    def test_the_environment_picks_dodos_url_unless_a_base_url_is_given(
+        self, settings: Settings
+    ) -> None:
+        from shared.reconcile import DodoApi
+
+        test_mode = settings.model_copy(
+            update={"dodo_payments_api_key": "k", "dodo_payments_environment": "test_mode"}
+        )
+        assert DodoApi(test_mode).base_url == "https://test.dodopayments.com"
+        live = settings.model_copy(update={"dodo_payments_api_key": "k"})
+        assert DodoApi(live).base_url == "https://live.dodopayments.com"
+        local = live.model_copy(update={"dodo_payments_base_url": "http://127.0.0.1:9"})
+        assert DodoApi(local).base_url == "http://127.0.0.1:9"
+
+
+class TestOneRunAtATime:
+    def test_a_run_while_another_holds_the_lock_is_refused_but_a_dry_run_is_not(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        from sqlalchemy import text
+
+        from shared.reconcile import RUN_LOCK_KEY
+
+        fake.put_state(merchant(payments=5, subscriptions=0, license_keys=0))
+        with clean_db.connect() as holder:
+            holder.execute(text(f"SELECT pg_advisory_lock({RUN_LOCK_KEY})"))
+            code, _, err = run(capsys, "--family", "payments")
+            dry = run_json(capsys, "--family", "payments", "--dry-run")
+            holder.execute(text(f"SELECT pg_advisory_unlock({RUN_LOCK_KEY})"))
+            holder.commit()
+        assert code == 1 and "another reconciliation is running" in err
+        assert dry["families"]["payments"]["missing"] == 5
+        assert count(clean_db, WebhookEvent) == 0
+        assert run_json(capsys, "--family", "payments")["totals"]["recorded"] == 5
+
+
+class TestRedisAway:
+    def test_events_are_recorded_pending_when_redis_is_away_and_it_is_said(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        from tests.support import free_port
+
+        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+        fake.put_state(merchant(payments=150, subscriptions=0, license_keys=0))
+        started = time.monotonic()
+        code, out, _ = run(capsys, "--family", "payments")
+        assert code == 1
+        assert "150 event(s) recorded, 0 queued" in out
+        assert "problem: REDIS_URL: could not queue" in out
+        assert time.monotonic() - started < 30  # not one connection timeout per event
+        with Session(clean_db) as session:
+            statuses = set(session.scalars(select(WebhookEvent.status)))
+        assert statuses == {EventStatus.PENDING}

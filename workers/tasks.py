@@ -186,13 +186,16 @@ def redrive() -> int:
 def reconcile_with_dodo() -> int:
     """Beat's periodic `dodo-webhooks reconcile` (RECONCILE_INTERVAL_SECONDS): every family;
     the run is written to `reconcile_runs`, which /metrics reads."""
-    from shared.reconcile import ReconcileError, reconcile
+    from shared.reconcile import AlreadyRunning, ReconcileError, reconcile
 
     def signal(webhook_id: str, event_type: str) -> None:
         enqueue(app, webhook_id, event_type)
 
     try:
         report = reconcile(settings, database.sessions(), enqueue=signal, trigger="beat")
+    except AlreadyRunning:
+        log.info("reconcile skipped: another run holds the lock", extra={"step": "reconcile"})
+        return 0
     except (ReconcileError, ConfigError) as exc:
         log.warning("reconcile failed", extra={"step": "reconcile", "error": str(exc)})
         return -1
