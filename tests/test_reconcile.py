@@ -461,8 +461,10 @@ class TestAFewThousandObjects:
     def test_a_backfill_of_thousands_stays_within_the_rate_allowed(
         self,
         reconcile_env: dict[str, str],
+        env: dict[str, str],
         fake: dodo.FakeDodo,
         clean_db: Engine,
+        tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
@@ -493,7 +495,7 @@ class TestAFewThousandObjects:
         times = sorted(r["at"] for r in calls)
         busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
         objects = sum(report["families"][f]["listed"] for f in report["families"])
-        print(
+        figures = (
             f"\nreconcile: {objects} objects listed ({report['totals']['recorded']} events "
             f"recorded), {len(calls)} API calls in {elapsed:.1f} s, at most {busiest} in any "
             f"second (allowed {rate}/s)"
@@ -503,6 +505,22 @@ class TestAFewThousandObjects:
         assert busiest <= rate + 1
         # Pages of 100, a retrieve per refund and dispute, one ledger read per account.
         assert len(calls) <= 31 + 11 + 6 + (4 + 300) + (2 + 100) + (1 + 1 + 50)
+
+        with celery_worker(env, tmp_path):
+            wait_until(lambda: all_final(clean_db), timeout=300, what="events applied")
+        fake.clear_requests()
+        started = time.monotonic()
+        again = run_json(capsys)
+        elapsed = time.monotonic() - started
+        with capsys.disabled():
+            print(
+                f"{figures}\nreconcile again: {again['totals']['recorded']} recorded, "
+                f"{again['api_calls']} API calls in {elapsed:.1f} s"
+            )
+        assert again["totals"]["recorded"] == 0
+        assert again["totals"]["missing"] + again["totals"]["differs"] == 0
+        # The list pages only: no retrieve, no ledger (each is complete).
+        assert again["api_calls"] == 31 + 11 + 6 + 4 + 2 + 1 + 1
 
 
 class TestFilters:
