@@ -77,6 +77,10 @@ class AlreadyRunning(ReconcileError):
     """Another reconciliation (beat's or a command's) holds the run lock."""
 
 
+class NotFound(ReconcileError):
+    """Dodo's API answered 404."""
+
+
 class MalformedObject(ValueError):
     """An object from the API that cannot be a record: skipped, counted and reported."""
 
@@ -317,11 +321,15 @@ class DodoApi:
         return self._items(f"GET /{family}", lambda: resource.with_raw_response.list(**params))
 
     def retrieve(self, family: str, object_id: str) -> Any:
+        """The object's full form, or None when Dodo no longer finds it (the list's stands)."""
         resource = self._resource(family)
-        return self._call(
-            f"GET /{family}/{object_id}",
-            lambda: resource.with_raw_response.retrieve(object_id),
-        )
+        try:
+            return self._call(
+                f"GET /{family}/{object_id}",
+                lambda: resource.with_raw_response.retrieve(object_id),
+            )
+        except NotFound:
+            return None
 
     def entitlements(self, page_number: int) -> list[Any]:
         entitlements = self._client.credit_entitlements
@@ -391,6 +399,10 @@ class DodoApi:
                     f"DODO_PAYMENTS_API_KEY: Dodo's API at {redact_url(self.base_url)} answered "
                     f"{exc.status_code} to {what}: the key is wrong, revoked or lacks the "
                     "Viewer role (a test_mode key needs DODO_PAYMENTS_ENVIRONMENT=test_mode)"
+                ) from None
+            except dodopayments.NotFoundError as exc:
+                raise NotFound(
+                    f"Dodo's API answered 404 to {what}: {_short(exc.message)}"
                 ) from None
             except dodopayments.APIStatusError as exc:
                 raise ReconcileError(
@@ -516,12 +528,29 @@ class SyntheticEvent:
 
 
 def synthetic_event(
-    kind: str, object_id: str, event_type: str, obj: dict[str, Any], at: datetime, basis: str
+    kind: str,
+    object_id: str,
+    event_type: str,
+    obj: dict[str, Any],
+    at: datetime,
+    *,
+    state: dict[str, Any],
+    basis: str,
 ) -> SyntheticEvent:
-    """The event carrying `obj` as of `at`; its id is derived from the object's state and
-    what the read model held (`basis`), so a second run with nothing changed records nothing."""
+    """The event carrying `obj` as of `at`.
+
+    Its id is derived from `state` (what the record would hold: the fields compared, not a
+    field that may change at every request) and what the read model held (`basis`, the
+    event its record holds), so a second run with nothing changed records nothing, and a
+    state seen again after another one is recorded again.
+    """
     at = at.astimezone(UTC)
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps(
+        {name: jsonable(value) for name, value in state.items()},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
     digest = hashlib.sha256(f"{canonical}\n{basis}".encode()).hexdigest()[:16]
     webhook_id = f"reconcile_{kind}_{object_id}_{digest}"
     if len(webhook_id) > 255 or not webhook_id.isascii() or not webhook_id.isprintable():
@@ -713,11 +742,19 @@ class Reconciler:
             if family.retrieve:
                 at = self.now()
                 retrieved = self.api.retrieve(family.name, object_id)
-                if isinstance(retrieved, dict) and retrieved.get(family.key) == object_id:
-                    full = retrieved
+                try:
+                    same_id, retrieved_state = object_state(family, retrieved)
+                except MalformedObject:
+                    same_id = None  # gone (None) or unusable: the list's form stands
+                if same_id == object_id:
+                    full, state = retrieved, retrieved_state
+                else:
+                    at = fetched_at
             event_type = family.event_type(full, missing=record is None)
             basis = record.last_webhook_id if record is not None else ""
-            event = synthetic_event(family.kind, object_id, event_type, full, at, basis)
+            event = synthetic_event(
+                family.kind, object_id, event_type, full, at, state=state, basis=basis
+            )
             difference.webhook_id = event.webhook_id
             pending.append((difference, event))
         self._record(counts, report, [event for _, event in pending])
@@ -813,7 +850,9 @@ class Reconciler:
             )
             assert event_type is not None
             # A ledger entry never changes: its id alone names the event.
-            event = synthetic_event("credit", entry_id, event_type, entry, at, "")
+            event = synthetic_event(
+                "credit", entry_id, event_type, entry, at, state={"id": entry_id}, basis=""
+            )
             report.differences.append(
                 Difference("credits", entry_id, "missing", webhook_id=event.webhook_id)
             )

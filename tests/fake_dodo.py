@@ -5,8 +5,8 @@ to through `DODO_PAYMENTS_BASE_URL`, run as a process of its own.
 reconciliation uses, from objects the test puts there (`PUT /_fake/state`), built with the SDK's
 own response models (`FakeDodo.payment(...)` ...). Pages are numbered from 0, as Dodo's are,
 and `page_number` is capped (`--max-page`). Faults are queued (`POST /_fake/faults`): each of
-the next API requests answers one (a 429 with Retry-After, a 500). Every API request is
-logged (`GET /_fake/requests`).
+the next API requests (of its `path`, if the fault names one) answers one (a 429 with
+Retry-After, a 500, a 404). Every API request is logged (`GET /_fake/requests`).
 """
 
 from __future__ import annotations
@@ -141,12 +141,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("authorization") != f"Bearer {self.store.api_key}":
             return 401, {"code": "UNAUTHORIZED", "message": "Invalid API key"}, {}
         with self.store.lock:
-            fault = self.store.faults.pop(0) if self.store.faults else None
+            fault = next((f for f in self.store.faults if f.get("path") in (None, path)), None)
+            if fault is not None:
+                self.store.faults.remove(fault)
             state = self.store.state
         if fault is not None:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}
-            # The SDK obeys this header; the test decides whether it may retry.
-            headers["x-should-retry"] = "true"
             return int(fault["status"]), {"message": fault.get("message", "fault")}, headers
         parts = [p for p in path.split("/") if p]
         try:

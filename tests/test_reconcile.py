@@ -317,6 +317,28 @@ class TestCorrections:
         }
 
 
+class TestRetrieve:
+    def test_a_refund_dodo_no_longer_retrieves_is_recorded_as_listed(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        state = merchant(payments=0, subscriptions=0, license_keys=0)
+        fake.put_state({"refunds": state["refunds"][:3]})
+        fake.fail_next({"status": 404, "path": "/refunds/ref_001"})
+        report = run_json(capsys, "--family", "refunds")
+        assert report["families"]["refunds"]["recorded"] == 3
+        with Session(clean_db) as session:
+            bodies = {
+                json.loads(body)["data"]["refund_id"]: json.loads(body)["data"]
+                for body in session.scalars(select(WebhookEvent.body))
+            }
+        assert "customer" not in bodies["ref_001"]  # the list's form
+        assert bodies["ref_002"]["customer"]["customer_id"] == "cus_1"  # retrieved
+
+
 class TestDryRun:
     def test_dry_run_shows_the_differences_and_writes_nothing(
         self,
