@@ -645,3 +645,112 @@ class TestRedisAway:
         with Session(clean_db) as session:
             statuses = set(session.scalars(select(WebhookEvent.status)))
         assert statuses == {EventStatus.PENDING}
+
+
+SDK_STATUSES = {
+    "payments": ("dodopayments.types", "IntentStatus"),
+    "refunds": ("dodopayments.types", "RefundStatus"),
+    "disputes": ("dodopayments.types", "DisputeStatus"),
+    "subscriptions": ("dodopayments.types", "SubscriptionStatus"),
+    "license_keys": ("dodopayments.types", "LicenseKeyStatus"),
+}
+
+
+def sdk_statuses(family: str) -> tuple[str, ...]:
+    import importlib
+    from typing import get_args
+
+    module, name = SDK_STATUSES[family]
+    return tuple(get_args(getattr(importlib.import_module(module), name)))
+
+
+class TestSyntheticTypes:
+    @pytest.mark.parametrize("family", sorted(SDK_STATUSES))
+    def test_every_status_the_sdk_knows_gets_a_type_routed_to_its_kind(self, family: str) -> None:
+        from shared.catalog import KIND_OF
+        from shared.reconcile import SNAPSHOTS
+
+        spec = SNAPSHOTS[family]
+        for status in sdk_statuses(family):
+            for missing in (True, False):
+                event_type = spec.event_type({spec.status_field: status}, missing=missing)
+                assert event_type in ROUTES, (family, status)
+                assert KIND_OF[event_type] == spec.kind
+
+    def test_a_status_with_a_webhook_type_is_named_by_it(self) -> None:
+        from shared.reconcile import SNAPSHOTS
+
+        def named(family: str, status: str) -> str:
+            spec = SNAPSHOTS[family]
+            return spec.event_type({spec.status_field: status}, missing=False)
+
+        assert named("payments", "succeeded") == "payment.succeeded"
+        assert named("payments", "requires_capture") == "payment.reconciled"
+        assert named("refunds", "pending") == "refund.reconciled"
+        assert named("disputes", "dispute_won") == "dispute.won"
+        assert named("subscriptions", "paused") == "subscription.paused"
+        assert named("subscriptions", "pending") == "subscription.reconciled"
+
+    def test_every_ledger_transaction_type_gets_a_credit_entry_type(self) -> None:
+        from typing import get_args
+
+        from dodopayments.types.credit_entitlements import CreditLedgerEntry
+
+        from shared.catalog import KIND_OF
+        from shared.reconcile import CREDIT_TYPES
+
+        kinds = get_args(CreditLedgerEntry.model_fields["transaction_type"].annotation)
+        for kind in kinds:
+            event_type = CREDIT_TYPES.get(kind, "credit.reconciled")
+            assert KIND_OF[event_type] == "credit_entry", kind
+
+
+class TestSyntheticEventIds:
+    def test_the_same_state_and_held_event_give_the_same_id_and_a_change_another(self) -> None:
+        from shared.reconcile import synthetic_event
+
+        def webhook_id(status: str, basis: str, **extra: Any) -> str:
+            obj = {"payment_id": "pay_1", "status": status, **extra}
+            state = {"payment_id": "pay_1", "status": status}
+            event = synthetic_event(
+                "payment",
+                "pay_1",
+                "payment.succeeded",
+                obj,
+                datetime.now(UTC),
+                state=state,
+                basis=basis,
+            )
+            return event.webhook_id
+
+        first = webhook_id("succeeded", "msg_1")
+        assert first.startswith("reconcile_payment_pay_1_")
+        assert webhook_id("succeeded", "msg_1", invoice_url="changes each time") == first
+        assert webhook_id("failed", "msg_1") != first
+        assert webhook_id("succeeded", "msg_2") != first
+
+    def test_an_id_too_long_for_the_column_is_hashed(self) -> None:
+        from shared.reconcile import synthetic_event
+
+        long_id = "pay_" + "x" * 300
+        event = synthetic_event(
+            "payment", long_id, "payment.succeeded", {}, datetime.now(UTC), state={}, basis=""
+        )
+        assert len(event.webhook_id) <= 255 and event.webhook_id.startswith("reconcile_")
+
+    def test_the_event_is_stamped_with_the_time_given_and_carries_the_object(self) -> None:
+        from shared.reconcile import synthetic_event
+
+        when = datetime(2026, 5, 1, 9, 30, tzinfo=UTC)
+        obj = {"refund_id": "ref_1", "status": "pending", "business_id": "bus_9"}
+        event = synthetic_event(
+            "refund", "ref_1", "refund.reconciled", obj, when, state=obj, basis=""
+        )
+        envelope = json.loads(event.body)
+        assert envelope == {
+            "business_id": "bus_9",
+            "type": "refund.reconciled",
+            "timestamp": when.isoformat(),
+            "data": obj,
+        }
+        assert event.event_at == when
