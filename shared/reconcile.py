@@ -46,6 +46,7 @@ from shared.models import (
 from shared.settings import ConfigError, Settings, first_line, redact_url
 
 if TYPE_CHECKING:
+    import dodopayments
     import httpx
 
 FAMILIES: Final = ("payments", "refunds", "disputes", "subscriptions", "license_keys", "credits")
@@ -401,12 +402,10 @@ class DodoApi:
                     "Viewer role (a test_mode key needs DODO_PAYMENTS_ENVIRONMENT=test_mode)"
                 ) from None
             except dodopayments.NotFoundError as exc:
-                raise NotFound(
-                    f"Dodo's API answered 404 to {what}: {_short(exc.message)}"
-                ) from None
+                raise NotFound(f"Dodo's API answered 404 to {what}: {_said(exc)}") from None
             except dodopayments.APIStatusError as exc:
                 raise ReconcileError(
-                    f"Dodo's API answered {exc.status_code} to {what}: {_short(exc.message)}"
+                    f"Dodo's API answered {exc.status_code} to {what}: {_said(exc)}"
                 ) from None
             except dodopayments.APIConnectionError as exc:
                 cause = exc.__cause__ or exc
@@ -428,9 +427,13 @@ def _retry_after(response: httpx.Response) -> float:
     return min(max(seconds, 0.5), RATE_LIMIT_WAIT_CAP)
 
 
-def _short(message: str) -> str:
-    line = (message or "").strip().splitlines()[0] if message and message.strip() else ""
-    return line[:200]
+def _said(exc: dodopayments.APIStatusError) -> str:
+    """Dodo's own message (`{"message": ...}`) in one short line, else the SDK's."""
+    body = exc.body
+    message = body.get("message") if isinstance(body, dict) else None
+    text = str(message if isinstance(message, str) and message else exc.message or "")
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else "(no message)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ to through `DODO_PAYMENTS_BASE_URL`, run as a process of its own.
 reconciliation uses, from objects the test puts there (`PUT /_fake/state`), built with the SDK's
 own response models (`FakeDodo.payment(...)` ...). Pages are numbered from 0, as Dodo's are,
 and `page_number` is capped (`--max-page`). Faults are queued (`POST /_fake/faults`): each of
-the next API requests (of its `path`, if the fault names one) answers one (a 429 with
+the next API requests (of its `path` and `page`, if the fault names them) answers one (a 429 with
 Retry-After, a 500, a 404). Every API request is logged (`GET /_fake/requests`).
 """
 
@@ -141,7 +141,15 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("authorization") != f"Bearer {self.store.api_key}":
             return 401, {"code": "UNAUTHORIZED", "message": "Invalid API key"}, {}
         with self.store.lock:
-            fault = next((f for f in self.store.faults if f.get("path") in (None, path)), None)
+            fault = next(
+                (
+                    f
+                    for f in self.store.faults
+                    if f.get("path") in (None, path)
+                    and f.get("page") in (None, query.get("page_number"))
+                ),
+                None,
+            )
             if fault is not None:
                 self.store.faults.remove(fault)
             state = self.store.state

@@ -375,6 +375,29 @@ class TestBadConditions:
         assert statuses == [429, 500, 200, 200]
         assert count(clean_db, WebhookEvent) == 150
 
+    def test_a_run_stopped_half_way_is_simply_run_again(
+        self,
+        reconcile_env: dict[str, str],
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        monkeypatch.setattr("shared.reconcile.SDK_MAX_RETRIES", 1)
+        fake.put_state(merchant(payments=250, subscriptions=0, license_keys=0))
+        fake.fail_next(*[{"status": 500, "path": "/payments", "page": "2"}] * 2)
+        code, out, err = run(capsys, "--family", "payments")
+        assert code == 1 and out == ""
+        assert err == "dodo-webhooks: Dodo's API answered 500 to GET /payments: fault\n"
+        assert count(clean_db, WebhookEvent) == 200  # the first two pages, committed
+        report = run_json(capsys, "--family", "payments")
+        assert report["families"]["payments"]["recorded"] == 50
+        assert count(clean_db, WebhookEvent) == 250
+        with Session(clean_db) as session:
+            stopped, finished = session.scalars(select(ReconcileRun).order_by(ReconcileRun.id))
+        assert stopped.error is not None and "500" in stopped.error
+        assert stopped.recorded == 200 and finished.error is None
+
     def test_a_wrong_key_is_one_line_and_exit_1(
         self,
         reconcile_env: dict[str, str],
