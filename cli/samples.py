@@ -234,3 +234,13 @@ def sample_event(
     if model is not None:
         model.model_validate(event)  # the SDK's own model must accept what we send
     return event
+
+
+def sample_object(
+    model: type[BaseModel], *, now: datetime | None = None, **fields: Any
+) -> dict[str, Any]:
+    """One of the SDK's API objects (a `Payment`, a `CreditLedgerEntry`, ...) with every field
+    it documents, `fields` overridden, as the API's JSON; checked by the SDK's model."""
+    when = (now or datetime.now(UTC)).astimezone(UTC)
+    data = {**_synth_model(model, when, 0), **fields}
+    return model.model_validate(data).model_dump(mode="json")

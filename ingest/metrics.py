@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select, text
 
 from shared.db import utcnow
-from shared.models import FINAL_STATUSES, EventStatus, WebhookEvent
+from shared.models import FINAL_STATUSES, EventStatus, ReconcileRun, WebhookEvent
 
 # A scrape must not hang on a slow database: PostgreSQL cancels the queries after this.
 DB_QUERY_TIMEOUT_MS = 2000
@@ -155,6 +155,59 @@ class EventStoreCollector(Collector):
         return rows, first
 
 
+class ReconcileCollector(Collector):
+    """The latest reconciliation with Dodo's API (`reconcile_runs`): when, what it found."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            with self._engine.connect() as conn, conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text(f"SET LOCAL statement_timeout = {DB_QUERY_TIMEOUT_MS}"))
+                run = conn.execute(
+                    select(ReconcileRun).order_by(ReconcileRun.started_at.desc()).limit(1)
+                ).first()
+        except Exception:
+            return  # the events' series say whether the database answered
+        if run is None:
+            return
+        finished = run.finished_at or run.started_at
+        yield GaugeMetricFamily(
+            "dodo_webhooks_reconcile_last_run_timestamp_seconds",
+            "When the latest reconciliation with Dodo's API finished (Unix time)",
+            value=finished.timestamp(),
+        )
+        yield GaugeMetricFamily(
+            "dodo_webhooks_reconcile_last_run_ok",
+            "1 when the latest reconciliation ran to its end, 0 when it stopped on an error",
+            value=0 if run.error else 1,
+        )
+        differences = GaugeMetricFamily(
+            "dodo_webhooks_reconcile_differences",
+            "Objects the latest reconciliation found missing or different, by family",
+            labels=["family"],
+        )
+        recorded = GaugeMetricFamily(
+            "dodo_webhooks_reconcile_recorded",
+            "Synthetic events the latest reconciliation recorded, by family",
+            labels=["family"],
+        )
+        for family, counts in sorted((run.counts or {}).items()):
+            differences.add_metric(
+                [family], int(counts.get("missing", 0)) + int(counts.get("differs", 0))
+            )
+            recorded.add_metric([family], int(counts.get("recorded", 0)))
+        yield differences
+        yield recorded
+        yield GaugeMetricFamily(
+            "dodo_webhooks_reconcile_api_calls",
+            "Requests the latest reconciliation sent to Dodo's API",
+            value=run.api_calls,
+        )
+
+
 def process_registry() -> CollectorRegistry:
     """This process's counters, or every gunicorn worker's under PROMETHEUS_MULTIPROC_DIR."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -168,4 +221,5 @@ def render_metrics(engine: Engine) -> bytes:
     """The exposition text: the ingest's counters, then the database's series."""
     store = CollectorRegistry(auto_describe=False)
     store.register(EventStoreCollector(engine))
+    store.register(ReconcileCollector(engine))
     return generate_latest(process_registry()) + generate_latest(store)

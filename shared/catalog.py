@@ -19,18 +19,24 @@ class Kind:
     promised: tuple[str, ...]
     # Types the official SDK knows beyond those, applied too: they carry the same state.
     beyond: tuple[str, ...] = ()
+    # The type `dodo-webhooks reconcile` stamps on an object whose status no webhook type
+    # names (a refund `pending`, a payment `requires_capture`): Dodo never sends it.
+    reconciled: str | None = None
 
     @property
     def types(self) -> tuple[str, ...]:
-        return self.promised + self.beyond
+        return self.promised + self.beyond + ((self.reconciled,) if self.reconciled else ())
 
 
 KINDS: Final[dict[str, Kind]] = {
     "payment": Kind(
         "payments",
         ("payment.succeeded", "payment.failed", "payment.processing", "payment.cancelled"),
+        reconciled="payment.reconciled",
     ),
-    "refund": Kind("refunds", ("refund.succeeded", "refund.failed")),
+    "refund": Kind(
+        "refunds", ("refund.succeeded", "refund.failed"), reconciled="refund.reconciled"
+    ),
     "dispute": Kind(
         "disputes",
         (
@@ -42,6 +48,7 @@ KINDS: Final[dict[str, Kind]] = {
             "dispute.won",
             "dispute.lost",
         ),
+        reconciled="dispute.reconciled",
     ),
     "subscription": Kind(
         "subscriptions",
@@ -61,8 +68,11 @@ KINDS: Final[dict[str, Kind]] = {
             "subscription.unpaused",
             "subscription.update_payment_method",
         ),
+        reconciled="subscription.reconciled",
     ),
-    "license_key": Kind("license_keys", ("license_key.created",)),
+    "license_key": Kind(
+        "license_keys", ("license_key.created",), reconciled="license_key.reconciled"
+    ),
     "credit_entry": Kind(
         "credits",
         (
@@ -75,6 +85,7 @@ KINDS: Final[dict[str, Kind]] = {
             "credit.manual_adjustment",
         ),
         beyond=("credit.overage_reset",),
+        reconciled="credit.reconciled",
     ),
     "credit_balance_low": Kind("credits", ("credit.balance_low",)),
 }

@@ -399,3 +399,30 @@ class CreditBalance(Base):
             "entry_count": self.entry_count,
             "low_balance_alert": alert,
         }
+
+
+class ReconcileRun(Base):
+    """One reconciliation against Dodo's API: when, what it found, what it recorded.
+
+    Written by `dodo-webhooks reconcile` (not with `--dry-run`) and beat's periodic run; the
+    ingest's /metrics reads the latest.
+    """
+
+    __tablename__ = "reconcile_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    trigger: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    families: Mapped[str] = mapped_column(String(255))
+    listed: Mapped[int] = mapped_column(Integer, default=0)
+    missing: Mapped[int] = mapped_column(Integer, default=0)
+    differs: Mapped[int] = mapped_column(Integer, default=0)
+    recorded: Mapped[int] = mapped_column(Integer, default=0)
+    malformed: Mapped[int] = mapped_column(Integer, default=0)
+    api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    # Per family: {listed, missing, differs, recorded, malformed}.
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_reconcile_runs_started_at", "started_at"),)

@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -91,12 +91,27 @@ class Settings(BaseSettings):
     # A one-time sign-in link's token (`dodo-webhooks dev` sets it): /console/login?once=….
     console_login_token: str | None = None
 
+    # Reconciliation and backfill from Dodo's API (DESIGN.md), named as the official SDK's.
+    dodo_payments_api_key: str | None = None
+    dodo_payments_environment: Literal["live_mode", "test_mode"] = "live_mode"
+    dodo_payments_base_url: str | None = None
+    # Beat runs `reconcile` this often; 0 (the default) leaves it to the command.
+    reconcile_interval_seconds: float = Field(default=0.0, ge=0)
+    # Requests a reconciliation sends Dodo's API per second at most (retries included).
+    reconcile_requests_per_second: float = Field(default=10.0, gt=0)
+
     @field_validator("dodo_payments_webhook_key", mode="before")
     @classmethod
     def _split_secrets(cls, value: str | list[str] | None) -> list[str]:
         return parse_secrets(value)
 
-    @field_validator("admin_token", "console_secret_key", "console_login_token")
+    @field_validator(
+        "admin_token",
+        "console_secret_key",
+        "console_login_token",
+        "dodo_payments_api_key",
+        "dodo_payments_base_url",
+    )
     @classmethod
     def _blank_token_is_unset(cls, value: str | None) -> str | None:
         return value or None

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import transaction, utcnow
 from shared.logs import get_logger, log_step
 from shared.models import EventStatus, WebhookEvent
-from shared.queue import PROCESS_EVENT, REDRIVE, enqueue
+from shared.queue import PROCESS_EVENT, RECONCILE, REDRIVE, enqueue
+from shared.settings import ConfigError
 from workers.app import app, settings
 from workers.claims import Claim, LostClaim, apply_event, claim_event, settle_failure
 from workers.engine import ProcessDatabase
@@ -197,6 +198,42 @@ def redrive() -> int:
     return len(rows)
 
 
+@app.task(name=RECONCILE, ignore_result=True)
+def reconcile_with_dodo() -> int:
+    """Beat's periodic `dodo-webhooks reconcile` (RECONCILE_INTERVAL_SECONDS): every family;
+    the run is written to `reconcile_runs`, which /metrics reads."""
+    from shared.reconcile import AlreadyRunning, ReconcileError, reconcile
+
+    def signal(webhook_id: str, event_type: str) -> None:
+        enqueue(app, webhook_id, event_type)
+
+    try:
+        report = reconcile(settings, database.sessions(), enqueue=signal, trigger="beat")
+    except AlreadyRunning:
+        log.info("reconcile skipped: another run holds the lock", extra={"step": "reconcile"})
+        return 0
+    except (ReconcileError, ConfigError) as exc:
+        log.warning("reconcile failed", extra={"step": "reconcile", "error": str(exc)})
+        return -1
+    log.info(
+        "reconciled",
+        extra={
+            "step": "reconcile",
+            "count": report.total("recorded"),
+            "differences": report.total("missing") + report.total("differs"),
+            "api_calls": report.api_calls,
+        },
+    )
+    return report.total("recorded")
+
+
 app.conf.beat_schedule = {
     "redrive-stuck-events": {"task": REDRIVE, "schedule": settings.redrive_interval_seconds},
 }
+if settings.reconcile_interval_seconds > 0:
+    app.conf.beat_schedule["reconcile-with-dodo"] = {
+        "task": RECONCILE,
+        "schedule": settings.reconcile_interval_seconds,
+        # A run still queued when the next is due is dropped, not stacked behind it.
+        "options": {"expires": settings.reconcile_interval_seconds},
+    }
