@@ -28,17 +28,10 @@ from sqlalchemy import create_engine, text
 
 from bench import stack
 from cli.samples import sample_event
+from tests.browser import launch_chromium
 from tests.support import ADMIN_TOKEN, service_env, signed_headers, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CUSTOMER = {"customer_id": "cus_demo1", "email": "ada@example.com", "name": "Ada Lovelace"}
 
 
@@ -193,7 +186,7 @@ def shoot(base: str, out: Path, dead_id: str) -> list[Path]:
     written = []
     out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = launch_chromium(driver)
         page = browser.new_page(base_url=base, viewport={"width": 1280, "height": 860})
         page.goto("/console/login")
         page.screenshot(path=str(out / "signin.png"))

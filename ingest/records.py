@@ -97,13 +97,20 @@ def get_credit_ledger(customer_id: str, credit_entitlement_id: str) -> tuple[Res
         account = session.get(CreditBalance, (customer_id, credit_entitlement_id))
         if account is None:
             return not_found("credit account", f"{customer_id}/{credit_entitlement_id}")
-        entries = session.scalars(
-            select(CreditEntry).where(
-                CreditEntry.customer_id == customer_id,
-                CreditEntry.credit_entitlement_id == credit_entitlement_id,
-            )
-        ).all()
+        entries = ledger_entries(session, customer_id, credit_entitlement_id)
+    return jsonify([entry.representation() for entry in entries]), 200
+
+
+def ledger_entries(
+    session: Session, customer_id: str, credit_entitlement_id: str
+) -> list[CreditEntry]:
+    """The account's entries in the order its balance is derived in: the last listed is the
+    one the balance comes from."""
+    entries = session.scalars(
+        select(CreditEntry).where(
+            CreditEntry.customer_id == customer_id,
+            CreditEntry.credit_entitlement_id == credit_entitlement_id,
+        )
+    ).all()
     by_id = {entry.id: entry for entry in entries}
-    # The order the balance is derived in, so the last entry listed is the one it comes from.
-    chain = order_chain([ChainLink.of(entry) for entry in entries])
-    return jsonify([by_id[link.id].representation() for link in chain.entries]), 200
+    return [by_id[link.id] for link in order_chain([ChainLink.of(e) for e in entries]).entries]

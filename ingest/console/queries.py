@@ -17,11 +17,11 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, func, select, tuple_, union
 from sqlalchemy.orm import Session
 
-from ingest.records import RECORDS, record_view
+from ingest.records import RECORDS, ledger_entries, record_view
 from shared.catalog import KIND_OF
 from shared.db import utcnow
 from shared.deadletters import FilterError, glob_to_like, make_filter, parse_when
-from shared.ledger import ChainLink, order_chain
+from shared.ledger import ChainLink
 from shared.models import (
     FINAL_STATUSES,
     CreditBalance,
@@ -418,20 +418,13 @@ def customer_page(session: Session, customer_id: str) -> CustomerPage | None:
 def ledger(session: Session, customer_id: str, entitlement_id: str) -> list[dict[str, Any]]:
     """The account's entries in ledger order (the order the balance is derived in), each
     marked whether it starts where the one before it ended."""
-    entries = session.scalars(
-        select(CreditEntry).where(
-            CreditEntry.customer_id == customer_id,
-            CreditEntry.credit_entitlement_id == entitlement_id,
-        )
-    ).all()
-    by_id = {entry.id: entry for entry in entries}
-    chain = order_chain([ChainLink.of(entry) for entry in entries])
     shown = []
     previous: ChainLink | None = None
-    for link in chain.entries:
+    for entry in ledger_entries(session, customer_id, entitlement_id):
+        link = ChainLink.of(entry)
         shown.append(
             {
-                **by_id[link.id].representation(),
+                **entry.representation(),
                 "links": previous is None or previous.after == link.before,
             }
         )

@@ -18,20 +18,12 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 from sqlalchemy import Engine
 
 from shared.db import make_engine, make_sessionmaker
+from tests.browser import launch_chromium
 from tests.console.conftest import deliver
 from tests.dead_letter_support import store_event
 from tests.handlers.events import make_body
 from tests.support import ADMIN_TOKEN, celery_worker, gunicorn, service_env
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCRIPT = "<script>window.__pwned = 1; alert('x')</script>"
 
 
@@ -61,7 +53,7 @@ def playwright() -> Iterator[Playwright]:
 
 @pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    browser = launch_chromium(playwright)
     yield browser
     browser.close()
 
