@@ -16,6 +16,7 @@ from shared.settings import Settings
 
 PROCESS_EVENT: Final = "workers.process_event"
 REDRIVE: Final = "workers.redrive"
+PURGE: Final = "workers.purge"
 
 
 class _QoS(kombu_redis.QoS):
@@ -82,7 +83,10 @@ def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
         broker_heartbeat=0,
         task_queues=[Queue(q) for q in (*EVENT_QUEUES, MAINTENANCE_QUEUE)],  # type: ignore[no-untyped-call]
         task_default_queue=MAINTENANCE_QUEUE,
-        task_routes={REDRIVE: {"queue": MAINTENANCE_QUEUE}},
+        task_routes={
+            REDRIVE: {"queue": MAINTENANCE_QUEUE},
+            PURGE: {"queue": MAINTENANCE_QUEUE},
+        },
         beat_schedule_filename=settings.beat_schedule_file,
         worker_send_task_events=True,
         task_send_sent_event=False,

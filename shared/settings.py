@@ -79,6 +79,15 @@ class Settings(BaseSettings):
     beat_schedule_file: str = "celerybeat-schedule"
     log_level: str = "INFO"
 
+    # Data lifecycle (shared/lifecycle.py). Processed and ignored events lose their raw body
+    # and headers this many days after processing finished; 0 keeps everything.
+    retention_days: int = Field(default=30, ge=0, le=36500)
+    # The purge: rows per transaction (each a short lock on only those rows), how often beat
+    # starts it, and how long one run may go on before it hands over to the next.
+    purge_batch_size: int = Field(default=500, ge=1, le=10000)
+    purge_interval_seconds: float = Field(default=600.0, gt=0)
+    purge_run_seconds: float = Field(default=60.0, gt=0)
+
     @field_validator("dodo_payments_webhook_key", mode="before")
     @classmethod
     def _split_secrets(cls, value: str | list[str] | None) -> list[str]:
