@@ -12,7 +12,7 @@ from ingest.records import not_found
 from ingest.state import state
 from shared import deadletters, lifecycle
 from shared.deadletters import FilterError
-from shared.lifecycle import ErasureBusy, ErasureError
+from shared.lifecycle import ErasureError
 from shared.models import EventStatus, WebhookEvent
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -130,8 +130,6 @@ def erase_customer(customer_id: str) -> tuple[Response, int]:
         result = lifecycle.erase_customer(
             factory, customer_id, dry_run=dry_run, requested_by=f"api:{request.remote_addr}"
         )
-    except ErasureBusy as exc:
-        return jsonify(error=str(exc)), 503
     except ErasureError as exc:
         return jsonify(error=str(exc)), 400
     return jsonify(result.as_json()), 200

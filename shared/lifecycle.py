@@ -24,7 +24,6 @@ from sqlalchemy import (
     null,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.orm import Session, sessionmaker
@@ -439,19 +438,11 @@ class ErasureError(ValueError):
     """An erasure that cannot run, in one line (HTTP 400, or the CLI's error)."""
 
 
-class ErasureBusy(ErasureError):
-    """The erasure could not take its lock in time; nothing changed (HTTP 503)."""
-
-
 def check_customer_id(customer_id: str) -> str:
     customer_id = customer_id.strip() if isinstance(customer_id, str) else ""
     if not customer_id or len(customer_id) > 255 or "\x00" in customer_id:
         raise ErasureError("customer id: expected 1-255 characters, e.g. cus_123")
     return customer_id
-
-
-# How long the erasure waits for workers in flight to finish before it gives up (try again).
-MARK_LOCK_TIMEOUT = "10s"
 
 
 def erase_customer(
@@ -466,11 +457,11 @@ def erase_customer(
 
     Ids, amounts, statuses and timestamps stay, and so do the ledger's amounts (its chain
     and balances do not change). First the erasure is recorded (`customer_erasures`): from
-    then on a worker that applies an event of this customer erases it in the same
-    transaction (workers/claims.py). Taking that record's table lock waits for the workers'
-    transactions in flight, which read the table, so whatever they write is committed
-    before the rows are searched here: an event is either seen by this search or erased by
-    its worker, never neither.
+    then on a worker that finishes an event of this customer erases it in the same
+    transaction (workers/claims.py). Then the customer's events are searched and each is
+    locked before anything else is erased: a worker that checked for an erasure before it
+    was recorded holds its event's row lock until it commits, so the erasure waits for it
+    and then sees what it wrote. An event is either found here or erased by its worker.
     """
     customer_id = check_customer_id(customer_id)
     result = ErasureResult(customer_id, dry_run, {})
@@ -500,17 +491,6 @@ def _mark(
 ) -> tuple[int, datetime]:
     now = utcnow()
     with transaction(factory) as session:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text(f"SET LOCAL lock_timeout = '{MARK_LOCK_TIMEOUT}'"))
-            try:
-                session.execute(text("LOCK TABLE customer_erasures IN ACCESS EXCLUSIVE MODE"))
-            except Exception as exc:
-                if "lock timeout" in str(exc).lower():
-                    raise ErasureBusy(
-                        f"workers kept the erasure log busy for {MARK_LOCK_TIMEOUT}; "
-                        "nothing was changed: try again"
-                    ) from None
-                raise
         row = CustomerErasure(
             customer_id=customer_id, started_at=now, requested_by=requested_by[:255], counts={}
         )

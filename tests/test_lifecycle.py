@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +44,7 @@ from tests.lifecycle_support import (
     history_of,
     state_of,
 )
+from workers.claims import apply_event, claim_event
 
 
 def backdate(engine: Engine, webhook_ids: list[str], days: float) -> None:
@@ -366,6 +368,30 @@ class TestErasure:
         feed = Feed(clean_db)
         webhook_id = feed.send(body_for("payment.succeeded", ALICE, T0))
         assert ALICE.email.encode() not in (event(clean_db, webhook_id).body or b"")
+
+    def test_an_erasure_waits_for_a_worker_applying_that_customers_event_then_erases_it(
+        self, clean_db: Engine, pg_url: str
+    ) -> None:
+        """The worker's transaction has applied the event but not committed when the erasure
+        starts: the erasure waits for it, then finds and erases what it wrote."""
+        feed = Feed(clean_db)
+        webhook_id = feed.record(body_for("payment.succeeded", ALICE, T0, payment_id="pay_a"))
+        claim = claim_event(feed.factory, webhook_id, 300, None)
+        assert claim is not None
+        results: list[Any] = []
+        with feed.factory() as worker, worker.begin():
+            apply_event(worker, claim)
+            eraser = threading.Thread(
+                target=lambda: results.append(erase(clean_db, ALICE.customer_id))
+            )
+            eraser.start()
+            eraser.join(timeout=1.0)
+            assert eraser.is_alive(), "the erasure did not wait for the worker"
+        eraser.join(timeout=30)
+        assert results and results[0].counts_json()["payments"] == {"rows": 1, "changed": 1}
+        dumped = dump(pg_url)
+        for what, secret in ALICE.secrets.items():
+            assert not found_in(dumped, secret), what
 
     @pytest.mark.parametrize("customer_id", ["", "   ", "x" * 256])
     def test_a_malformed_customer_id_is_refused(self, clean_db: Engine, customer_id: str) -> None:

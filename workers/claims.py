@@ -76,9 +76,8 @@ _CLAIM = (
     )
 )
 # The customer of this event if it was erased (its own, or its payment's): the worker then
-# erases what it applies (shared/lifecycle.py). Reading the erasures table here, in the
-# finish, holds a lock on it until the transaction ends; the erasure takes that table's lock
-# before it searches, so it waits for this transaction and then sees what it wrote.
+# erases what it applies, in this transaction (shared/lifecycle.py). An erasure recorded
+# just after this check waits on this event's row lock, held from here to the commit.
 _ERASED = (
     select(ERASURES.c.customer_id)
     .where(
