@@ -64,6 +64,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
                 retention_days=settings.retention_days,
                 batch_size=settings.purge_batch_size,
                 dry_run=args.dry_run,
+                pause_seconds=settings.purge_pause_seconds,
                 progress=None if args.json else _purge_progress,
             )
         if not args.json and sys.stderr.isatty() and result.events:

@@ -98,24 +98,39 @@ def _stored_size() -> ColumnElement[int]:
     )
 
 
-def purge_batch(session: Session, cutoff: datetime, limit: int) -> tuple[int, int]:
-    """Purge up to `limit` events in the caller's transaction: (events, bytes).
+@dataclass(frozen=True)
+class Batch:
+    events: int
+    bytes: int
+    # The last `processed_at` of the batch: where the next one starts.
+    reached: datetime | None
+
+
+def purge_batch(
+    session: Session, cutoff: datetime, limit: int, after: datetime | None = None
+) -> Batch:
+    """Purge up to `limit` events, oldest first from `after`, in the caller's transaction.
 
     The rows are taken with `FOR UPDATE SKIP LOCKED`: a row another purge holds is left to
     it, and only these rows are locked, briefly - the ingest inserts new rows and never
     waits (a duplicate delivery of one of these waits for this transaction at most, then
-    answers 200 duplicate).
+    answers 200 duplicate). `after` lets a run walk the index forward: the entries of the
+    rows it purged stay in the index until vacuum, and starting each batch from the
+    beginning again made every batch slower than the one before.
     """
     ev = WebhookEvent
+    where = _purgeable(cutoff)
+    if after is not None:
+        where.append(ev.processed_at >= after)
     rows = session.execute(
-        select(ev.webhook_id, _stored_size().label("size"))
-        .where(*_purgeable(cutoff))
+        select(ev.webhook_id, ev.processed_at, _stored_size().label("size"))
+        .where(*where)
         .order_by(ev.processed_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
     if not rows:
-        return 0, 0
+        return Batch(0, 0, after)
     session.execute(
         update(ev)
         .where(ev.webhook_id.in_([row.webhook_id for row in rows]))
@@ -125,7 +140,7 @@ def purge_batch(session: Session, cutoff: datetime, limit: int) -> tuple[int, in
     )
     events, size = len(rows), sum(int(row.size or 0) for row in rows)
     add_counters(session, {PURGED_EVENTS: events, PURGED_BYTES: size})
-    return events, size
+    return Batch(events, size, max(row.processed_at for row in rows))
 
 
 def add_counters(session: Session, amounts: dict[str, int]) -> None:
@@ -147,12 +162,14 @@ def purge(
     batch_size: int,
     dry_run: bool = False,
     run_seconds: float | None = None,
+    pause_seconds: float = 0.0,
     progress: Callable[[PurgeResult], None] | None = None,
 ) -> PurgeResult:
     """Remove the body and headers of events processed or ignored longer ago than
     `retention_days`, one short transaction per batch, until none is left (or `run_seconds`
     have passed: the next run carries on). Dead letters, pending and retrying events keep
     theirs; every row and its `webhook_id` stay, so a late duplicate is still recognised.
+    `pause_seconds` between batches leaves the database to the ingest and the workers.
     """
     cutoff = purge_cutoff(retention_days)
     result = PurgeResult(retention_days, cutoff, dry_run)
@@ -168,19 +185,25 @@ def purge(
         result.events, result.bytes = int(count), int(size)
         return result
     deadline = None if run_seconds is None else time.monotonic() + run_seconds
+    reached: datetime | None = None
     while True:
         with transaction(factory) as session:
-            events, size = purge_batch(session, cutoff, batch_size)
-        result.events += events
-        result.bytes += size
+            batch = purge_batch(session, cutoff, batch_size, reached)
+        reached = batch.reached
+        result.events += batch.events
+        result.bytes += batch.bytes
         result.batches += 1
-        if progress is not None and events:
+        if progress is not None and batch.events:
             progress(result)
-        if events < batch_size:
+        if batch.events < batch_size:
+            # Rows skipped because another purge held them are that purge's, or the next
+            # run's (it starts from the beginning).
             return result
         if deadline is not None and time.monotonic() >= deadline:
             result.complete = False
             return result
+        if pause_seconds:
+            time.sleep(pause_seconds)
 
 
 def lifecycle_totals(session: Session) -> dict[str, int]:

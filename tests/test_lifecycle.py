@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import make_sessionmaker, utcnow
@@ -179,6 +179,50 @@ class TestPurge:
         assert (again.events, again.bytes) == (0, 0)
         with Session(clean_db) as session:
             assert lifecycle_totals(session)[PURGED_EVENTS] == 7
+
+    def test_two_purges_at_once_share_the_work_and_count_each_row_once(
+        self, clean_db: Engine
+    ) -> None:
+        """Beat's run and an operator's `purge` side by side: SKIP LOCKED, no double count."""
+        template = body_for("payment.succeeded", ALICE, T0)
+        rows = [
+            {
+                "webhook_id": f"msg_bulk_{n}",
+                "type": "payment.succeeded",
+                "status": EventStatus.PROCESSED,
+                "attempts": 1,
+                "body": json.dumps(template).encode(),
+                "headers": {"webhook-id": f"msg_bulk_{n}"},
+                "webhook_ts": 1,
+                "received_at": utcnow(),
+                "processed_at": utcnow() - timedelta(days=40, seconds=n),
+            }
+            for n in range(3000)
+        ]
+        with clean_db.begin() as conn:
+            conn.execute(WebhookEvent.__table__.insert(), rows)
+        factory = make_sessionmaker(clean_db)
+        results: list[Any] = []
+        start = threading.Barrier(2)
+
+        def run() -> None:
+            start.wait()
+            results.append(purge(factory, retention_days=30, batch_size=50, pause_seconds=0.01))
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        leftover = purge(factory, retention_days=30, batch_size=50)
+        assert sum(r.events for r in results) + leftover.events == 3000
+        assert all(r.events > 0 for r in results), "one purge did all the work"
+        with Session(clean_db) as session:
+            assert lifecycle_totals(session)[PURGED_EVENTS] == 3000
+            left = session.scalar(
+                select(func.count()).select_from(WebhookEvent).where(WebhookEvent.body.is_not(None))
+            )
+            assert left == 0
 
     def test_retention_zero_keeps_everything(self, clean_db: Engine) -> None:
         feed = Feed(clean_db)

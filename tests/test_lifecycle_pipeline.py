@@ -131,6 +131,16 @@ class TestRetentionInThePipeline:
             assert value(scraped, "dodo_webhooks_oldest_body_age_seconds") < 600
 
 
+class TestBeatSchedule:
+    def test_beat_runs_the_purge_on_the_maintenance_queue_at_its_interval(self) -> None:
+        from shared.catalog import MAINTENANCE_QUEUE
+        from workers.tasks import app, settings
+
+        entries = {e["task"]: e["schedule"] for e in app.conf.beat_schedule.values()}
+        assert entries[PURGE] == settings.purge_interval_seconds
+        assert app.conf.task_routes[PURGE] == {"queue": MAINTENANCE_QUEUE}
+
+
 class TestErasureWhileEventsFlow:
     """Erasing a customer while a worker applies that customer's events loses nothing."""
 

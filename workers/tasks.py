@@ -196,6 +196,7 @@ def purge() -> int:
         retention_days=settings.retention_days,
         batch_size=settings.purge_batch_size,
         run_seconds=settings.purge_run_seconds,
+        pause_seconds=settings.purge_pause_seconds,
     )
     if result.events:
         log.info(
