@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     purge_interval_seconds: float = Field(default=600.0, gt=0)
     purge_run_seconds: float = Field(default=60.0, gt=0)
     # A pause after each batch, so a long purge leaves the database to the ingest.
-    purge_pause_seconds: float = Field(default=0.05, ge=0, le=60)
+    purge_pause_seconds: float = Field(default=0.25, ge=0, le=60)
 
     @field_validator("dodo_payments_webhook_key", mode="before")
     @classmethod
