@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 VENV_BIN := .venv/bin
 BENCH_ARGS ?=
 
-.PHONY: help venv dev test test-fast lint bench bench-quick profile up faults
+.PHONY: help venv dev test test-fast lint bench bench-quick bench-purge profile up faults
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ bench: ## benchmark ingest and pipeline against same-run floors (~30 min; BENCH_
 
 bench-quick: ## a one-minute smoke run of the benchmark (1 rep, small N)
 	PYTHONPATH=. $(PY) -m bench.run --quick $(BENCH_ARGS)
+
+bench-purge: ## the retention purge over 1,000,000 rows, and the ingest's latency meanwhile (~10 min)
+	PYTHONPATH=. $(PY) -m bench.purge $(BENCH_ARGS)
 
 profile: ## py-spy profile of an ingest worker and a celery pool child under load
 	PYTHONPATH=. $(PY) -m bench.profile $(BENCH_ARGS)

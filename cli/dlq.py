@@ -237,9 +237,14 @@ def describe(event: WebhookEvent) -> str:
         f"processed_at: {isoformat(event.processed_at) or '-'}",
         f"last_error:   {event.last_error or '-'}",
         "headers:",
-        *(f"  {name}: {value}" for name, value in sorted(event.headers.items())),
+        *(f"  {name}: {value}" for name, value in sorted((event.headers or {}).items())),
         "body:",
     ]
+    if event.body is None:
+        lines.append(f"  - (purged at {isoformat(event.purged_at)}: RETENTION_DAYS)")
+        return "\n".join(lines)
+    if event.erased_at is not None:
+        lines[-1] = f"body (personal data erased at {isoformat(event.erased_at)}):"
     text = event.body.decode("utf-8", errors="replace")
     with suppress(ValueError):
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.auth import require_admin
 from ingest.records import not_found
 from ingest.state import state
-from shared import deadletters
+from shared import deadletters, lifecycle
 from shared.deadletters import FilterError
+from shared.lifecycle import ErasureError
 from shared.models import EventStatus, WebhookEvent
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -109,3 +110,26 @@ def retry_dead_letters() -> tuple[Response, int]:
     if notes:
         answer["notes"] = notes
     return jsonify(answer), 200
+
+
+@bp.post("/customers/<customer_id>/erase")
+def erase_customer(customer_id: str) -> tuple[Response, int]:
+    """Erase the customer's personal data (as `dodo-webhooks erase-customer`); `{"dry_run":
+    true}` counts what would change. Answers the counts per table."""
+    body = request.get_json(force=True, silent=True) if request.get_data() else {}
+    if not isinstance(body, dict):
+        return jsonify(error='the body must be a JSON object, e.g. {"dry_run": true}'), 400
+    unknown = sorted(set(body) - {"dry_run"})
+    if unknown:
+        return jsonify(error=f"unknown field(s): {', '.join(unknown)}"), 400
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        return jsonify(error="dry_run must be true or false"), 400
+    factory = sessionmaker(bind=state().engine, expire_on_commit=False)
+    try:
+        result = lifecycle.erase_customer(
+            factory, customer_id, dry_run=dry_run, requested_by=f"api:{request.remote_addr}"
+        )
+    except ErasureError as exc:
+        return jsonify(error=str(exc)), 400
+    return jsonify(result.as_json()), 200

@@ -16,7 +16,16 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select, text
 
 from shared.db import utcnow
-from shared.models import FINAL_STATUSES, EventStatus, ReconcileRun, WebhookEvent
+from shared.lifecycle import PURGED_BYTES, PURGED_EVENTS
+from shared.models import (
+    FINAL_STATUSES,
+    PURGEABLE,
+    CustomerErasure,
+    EventStatus,
+    LifecycleCounter,
+    ReconcileRun,
+    WebhookEvent,
+)
 
 # A scrape must not hang on a slow database: PostgreSQL cancels the queries after this.
 DB_QUERY_TIMEOUT_MS = 2000
@@ -74,6 +83,7 @@ class EventStoreCollector(Collector):
         started = time.monotonic()
         try:
             groups, oldest = self._query()
+            lifecycle = self._lifecycle()
         except Exception:
             up.add_metric([], 0)
             yield up
@@ -134,6 +144,7 @@ class EventStoreCollector(Collector):
             "Age of the oldest event not yet final; 0 when none",
             value=age,
         )
+        yield from lifecycle_series(*lifecycle)
 
     def _query(
         self,
@@ -153,6 +164,54 @@ class EventStoreCollector(Collector):
             rows = [tuple(row) for row in conn.execute(grouped)]
             first = conn.execute(oldest).scalar()
         return rows, first
+
+    def _lifecycle(self) -> tuple[dict[str, int], datetime | None, int]:
+        ev = WebhookEvent
+        oldest_body = select(func.min(ev.processed_at)).where(
+            ev.purged_at.is_(None), ev.status.in_([str(s) for s in PURGEABLE])
+        )
+        with self._engine.connect() as conn, conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(text(f"SET LOCAL statement_timeout = {DB_QUERY_TIMEOUT_MS}"))
+            totals = {
+                name: int(value)
+                for name, value in conn.execute(
+                    select(LifecycleCounter.name, LifecycleCounter.value)
+                )
+            }
+            first = conn.execute(oldest_body).scalar()
+            erasures = int(
+                conn.execute(select(func.count()).select_from(CustomerErasure)).scalar() or 0
+            )
+        return totals, first, erasures
+
+
+def lifecycle_series(
+    totals: dict[str, int], oldest_body: datetime | None, erasures: int
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The purge's running totals, how far back raw bodies go, and how many erasures ran."""
+    yield CounterMetricFamily(
+        "dodo_webhooks_purged_events",
+        "Events whose raw body and headers the retention purge removed",
+        value=totals.get(PURGED_EVENTS, 0),
+    )
+    yield CounterMetricFamily(
+        "dodo_webhooks_purged_bytes",
+        "Bytes of raw bodies and headers the retention purge removed",
+        value=totals.get(PURGED_BYTES, 0),
+    )
+    age = max(0.0, (utcnow() - oldest_body).total_seconds()) if oldest_body else 0.0
+    yield GaugeMetricFamily(
+        "dodo_webhooks_oldest_body_age_seconds",
+        "Time since the oldest processed or ignored event still holding its raw body finished "
+        "processing; stays near RETENTION_DAYS while the purge keeps up; 0 when none",
+        value=age,
+    )
+    yield CounterMetricFamily(
+        "dodo_webhooks_customer_erasures",
+        "Customer erasures run (dodo-webhooks erase-customer, POST /api/customers/<id>/erase)",
+        value=erasures,
+    )
 
 
 class ReconcileCollector(Collector):

@@ -87,8 +87,9 @@ class WebhookEvent(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
-    body: Mapped[bytes] = mapped_column(LargeBinary)
-    headers: Mapped[dict[str, str]] = mapped_column(JSON)
+    # Both NULL once purged (RETENTION_DAYS, shared/lifecycle.py): the row and its id stay.
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
     # Seconds from the signed `webhook-timestamp` header: the first ordering tie-breaker.
     webhook_ts: Mapped[int] = mapped_column(BigInteger)
     # The envelope `timestamp`: when the event occurred at Dodo.
@@ -98,6 +99,10 @@ class WebhookEvent(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Data lifecycle (shared/lifecycle.py): when the body and headers were purged, and when
+    # a customer's erasure rewrote them without the personal data.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         Index("ix_webhook_events_status_received_at", "status", "received_at"),
@@ -126,7 +131,9 @@ class WebhookEvent(Base):
             "event_at": isoformat(self.event_at),
             "webhook_ts": self.webhook_ts,
             "headers": self.headers,
-            "body": self.body.decode("utf-8", errors="replace"),
+            "body": None if self.body is None else self.body.decode("utf-8", errors="replace"),
+            "purged_at": isoformat(self.purged_at),
+            "erased_at": isoformat(self.erased_at),
         }
 
 
@@ -426,3 +433,55 @@ class ReconcileRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_reconcile_runs_started_at", "started_at"),)
+
+
+# --- Data lifecycle: retention and erasure (shared/lifecycle.py) ---------------------------
+
+# What the purge scans: events whose body is still held, by when processing finished. Small
+# (only what is not purged yet), so the purge and the "oldest body kept" metric stay cheap.
+PURGEABLE = (EventStatus.PROCESSED, EventStatus.IGNORED)
+Index(
+    "ix_webhook_events_purgeable",
+    WebhookEvent.processed_at,
+    postgresql_where=WebhookEvent.purged_at.is_(None)
+    & WebhookEvent.status.in_([str(s) for s in PURGEABLE]),
+    sqlite_where=WebhookEvent.purged_at.is_(None)
+    & WebhookEvent.status.in_([str(s) for s in PURGEABLE]),
+)
+
+
+class LifecycleCounter(Base):
+    """Cluster-wide running totals of the purge (`purged_events`, `purged_bytes`), for /metrics."""
+
+    __tablename__ = "lifecycle_counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CustomerErasure(Base):
+    """That a customer's personal data was erased: when, by whom, how many rows; never the data.
+
+    Its presence also tells the workers to erase that customer's events as they apply them.
+    """
+
+    __tablename__ = "customer_erasures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(255), index=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Who asked: "cli:<user>@<host>" or "api".
+    requested_by: Mapped[str] = mapped_column(String(255))
+    # {table: {"rows": found, "changed": rewritten}}
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "customer_id": self.customer_id,
+            "started_at": isoformat(self.started_at),
+            "finished_at": isoformat(self.finished_at),
+            "requested_by": self.requested_by,
+            "counts": self.counts,
+        }

@@ -17,6 +17,7 @@ from shared.settings import Settings
 PROCESS_EVENT: Final = "workers.process_event"
 REDRIVE: Final = "workers.redrive"
 RECONCILE: Final = "workers.reconcile"
+PURGE: Final = "workers.purge"
 
 
 class _QoS(kombu_redis.QoS):
@@ -86,6 +87,7 @@ def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
         task_routes={
             REDRIVE: {"queue": MAINTENANCE_QUEUE},
             RECONCILE: {"queue": MAINTENANCE_QUEUE},
+            PURGE: {"queue": MAINTENANCE_QUEUE},
         },
         beat_schedule_filename=settings.beat_schedule_file,
         worker_send_task_events=True,

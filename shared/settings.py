@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=0.0, ge=0)
     # Requests a reconciliation sends Dodo's API per second at most (retries included).
     reconcile_requests_per_second: float = Field(default=10.0, gt=0)
+    # Data lifecycle (shared/lifecycle.py). Processed and ignored events lose their raw body
+    # and headers this many days after processing finished; 0 keeps everything.
+    retention_days: int = Field(default=30, ge=0, le=36500)
+    # The purge: rows per transaction (each a short lock on only those rows), how often beat
+    # starts it, and how long one run may go on before it hands over to the next.
+    purge_batch_size: int = Field(default=500, ge=1, le=10000)
+    purge_interval_seconds: float = Field(default=600.0, gt=0)
+    purge_run_seconds: float = Field(default=60.0, gt=0)
+    # A pause after each batch, so a long purge leaves the database to the ingest.
+    purge_pause_seconds: float = Field(default=0.25, ge=0, le=60)
 
     @field_validator("dodo_payments_webhook_key", mode="before")
     @classmethod

@@ -157,3 +157,31 @@ class TestConsoleBench:
         assert len(pages) == 20
         assert all(is_number(page["median_ms"]) for page in pages)
         assert {page["page"]: page["status"] for page in pages}["Search an unknown id"] == 404
+
+
+class TestPurgeBench:
+    """bench/purge.py on a tiny table: it purges everything seeded and reports each run."""
+
+    def test_a_tiny_run_purges_every_seeded_body_and_writes_its_results(
+        self, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "purge.json"
+        args = ["--rows", "3000", "--rate", "20", "--duration", "1", "--reps", "1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.purge", *args, "--pause", "0", "--out", str(out)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(out.read_text())
+        (run,) = report["runs"]
+        assert run["purged_events"] == 3000 and run["purged_bytes"] > 3000 * 1000
+        assert run["alone"]["statuses"] == run["during_purge"]["statuses"] == {"202": 20}
+        # Bodies kept: the two load windows' deliveries (pending: no worker runs) and the 20
+        # recent events of the timed erasure.
+        assert report["bodies_left_after"] == 40 + 20
+        assert is_number(report["erasure_of_one_customer_with_20_events"]["real_s"])
+        assert "erase-customer" in done.stdout

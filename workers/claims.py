@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, bindparam, or_, update
+from sqlalchemy import Engine, String, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction, utcnow
 from shared.envelope import read_envelope_head
-from shared.models import EventStatus, Outcome, WebhookEvent
+from shared.lifecycle import customer_in_body, erase_on_apply
+from shared.models import CustomerErasure, EventStatus, Outcome, Payment, WebhookEvent
 from workers.handlers import ROUTES, Delivery
 from workers.schemas import parse_event
 from workers.statements import execute, run_prebuilt
@@ -39,6 +40,8 @@ class LostClaim(Exception):
 
 
 EVENTS = cast(Table, WebhookEvent.__table__)
+ERASURES = cast(Table, CustomerErasure.__table__)
+PAYMENTS = cast(Table, Payment.__table__)
 
 # Statements built once (building them per task cost more CPU than running them), on the
 # table rather than the mapped class: plain Core, no ORM bookkeeping on the hot path.
@@ -72,6 +75,23 @@ _CLAIM = (
         EVENTS.c.last_error,
     )
 )
+# The customer of this event if it was erased (its own, or its payment's): the worker then
+# erases what it applies, in this transaction (shared/lifecycle.py). An erasure recorded
+# just after this check waits on this event's row lock, held from here to the commit.
+_ERASED = (
+    select(ERASURES.c.customer_id)
+    .where(
+        or_(
+            ERASURES.c.customer_id == bindparam("b_customer_id", type_=String()),
+            ERASURES.c.customer_id
+            == select(PAYMENTS.c.customer_id)
+            .where(PAYMENTS.c.payment_id == bindparam("b_payment_id", type_=String()))
+            .scalar_subquery(),
+        )
+    )
+    .limit(1)
+    .scalar_subquery()
+)
 # Fenced: only the attempt that holds the claim finishes the event (apply_event).
 _FINISH = (
     update(EVENTS)
@@ -88,6 +108,7 @@ _FINISH = (
         next_attempt_at=None,
         processed_at=bindparam("b_now"),
     )
+    .returning(_ERASED.label("erased_customer"))
 )
 _OUTCOME = (
     update(EVENTS)
@@ -150,6 +171,8 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
     status = EventStatus.PROCESSED if applies else EventStatus.IGNORED
     # The usual outcome, written now; corrected below when the handler says otherwise.
     expected = Outcome.APPLIED if applies else None
+    data = getattr(event, "data", None)
+    customer_id = getattr(data, "customer_id", None) if event else customer_in_body(claim.body)
     finished = execute(
         session,
         _FINISH,
@@ -159,16 +182,24 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
             "b_status": status,
             "b_outcome": expected,
             "b_now": utcnow(),
+            "b_customer_id": customer_id,
+            "b_payment_id": getattr(data, "payment_id", None),
         },
-    )
-    if finished.rowcount == 0:
+    ).first()
+    if finished is None:
         raise LostClaim(claim.webhook_id)
+    erased_customer = finished.erased_customer
     if handler is None or event is None or claim.event_at is None:
+        if erased_customer is not None:
+            erase_on_apply(session, claim.webhook_id, erased_customer)
         return status, None  # ignored
     delivery = Delivery(claim.webhook_id, claim.webhook_ts, claim.event_at)
     outcome = handler(session, event, delivery)
     if outcome != expected:
         execute(session, _OUTCOME, {"b_webhook_id": claim.webhook_id, "b_outcome": outcome})
+    if erased_customer is not None:
+        # An event that arrived after its customer's erasure, or applied meanwhile.
+        erase_on_apply(session, claim.webhook_id, erased_customer)
     return status, outcome
 
 

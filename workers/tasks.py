@@ -11,10 +11,11 @@ from celery.signals import worker_process_init
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import lifecycle
 from shared.db import transaction, utcnow
 from shared.logs import get_logger, log_step
 from shared.models import EventStatus, WebhookEvent
-from shared.queue import PROCESS_EVENT, RECONCILE, REDRIVE, enqueue
+from shared.queue import PROCESS_EVENT, PURGE, RECONCILE, REDRIVE, enqueue
 from shared.settings import ConfigError
 from workers.app import app, settings
 from workers.claims import Claim, LostClaim, apply_event, claim_event, settle_failure
@@ -227,8 +228,35 @@ def reconcile_with_dodo() -> int:
     return report.total("recorded")
 
 
+@app.task(name=PURGE, ignore_result=True)
+def purge() -> int:
+    """Retention: remove old raw bodies and headers (RETENTION_DAYS), batch by batch.
+
+    A run stops after PURGE_RUN_SECONDS so that the re-drive, on the same queue, is not held
+    up behind a long backlog; it then sends itself again to carry on.
+    """
+    if settings.retention_days <= 0:
+        return 0
+    result = lifecycle.purge(
+        database.sessions(),
+        retention_days=settings.retention_days,
+        batch_size=settings.purge_batch_size,
+        run_seconds=settings.purge_run_seconds,
+        pause_seconds=settings.purge_pause_seconds,
+    )
+    if result.events:
+        log.info(
+            "purged raw bodies",
+            extra={"step": "purge", "count": result.events, "bytes": result.bytes},
+        )
+    if not result.complete:
+        app.send_task(PURGE)
+    return result.events
+
+
 app.conf.beat_schedule = {
     "redrive-stuck-events": {"task": REDRIVE, "schedule": settings.redrive_interval_seconds},
+    "purge-old-bodies": {"task": PURGE, "schedule": settings.purge_interval_seconds},
 }
 if settings.reconcile_interval_seconds > 0:
     app.conf.beat_schedule["reconcile-with-dodo"] = {

@@ -246,7 +246,9 @@ class EventPage:
     customer_id: str | None = None
 
 
-def _data(body: bytes) -> tuple[str, bool, dict[str, Any]]:
+def _data(body: bytes | None) -> tuple[str, bool, dict[str, Any]]:
+    if body is None:
+        return "", False, {}  # purged by the retention (RETENTION_DAYS)
     text = body.decode("utf-8", errors="replace")
     try:
         parsed = json.loads(text)

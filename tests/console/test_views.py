@@ -7,11 +7,12 @@ import re
 from datetime import timedelta
 
 from flask.testing import FlaskClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import create_app
-from shared.models import EventStatus
+from shared.db import utcnow
+from shared.models import EventStatus, WebhookEvent
 from shared.settings import Settings
 from tests.console.conftest import csrf_token, deliver, sign_in
 from tests.dead_letter_support import event_row, hours_ago, queued, store_event
@@ -128,6 +129,23 @@ class TestEventPage:
 
     def test_unknown_event_is_404(self, admin: FlaskClient) -> None:
         assert admin.get("/console/events/msg_nope").status_code == 404
+
+    def test_a_purged_event_says_so_instead_of_a_body(
+        self, admin: FlaskClient, clean_db: Engine, factory: sessionmaker[Session]
+    ) -> None:
+        """The retention keeps the row and clears `body` and `headers` (RETENTION_DAYS)."""
+        webhook_id = deliver(clean_db, factory, "payment.succeeded", payment_id="pay_p1")
+        with clean_db.begin() as conn:
+            conn.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.webhook_id == webhook_id)
+                .values(body=None, headers=None, purged_at=utcnow())
+            )
+        answer = admin.get(f"/console/events/{webhook_id}")
+        assert answer.status_code == 200
+        page = text(answer)
+        assert "Purged " in page and "RETENTION_DAYS" in page
+        assert "webhook-signature" not in page
 
 
 class TestDeadLetterRetry:

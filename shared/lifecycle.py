@@ -1,0 +1,746 @@
+"""Data lifecycle: retention (the purge of old raw bodies) and erasure of a customer's data.
+
+Both run in short transactions beside the ingest and the workers, and both can run twice: a
+second run finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    Text,
+    false,
+    func,
+    inspect,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import dialect_insert, transaction, utcnow
+from shared.models import (
+    PURGEABLE,
+    Base,
+    CreditEntry,
+    CustomerErasure,
+    Dispute,
+    LicenseKey,
+    LifecycleCounter,
+    Payment,
+    Refund,
+    Subscription,
+    WebhookEvent,
+)
+
+# ---------------------------------------------------------------------------- retention
+
+PURGED_EVENTS = "purged_events"
+PURGED_BYTES = "purged_bytes"
+
+
+@dataclass
+class PurgeResult:
+    """What a purge run removed (or, dry, would remove)."""
+
+    retention_days: int
+    cutoff: datetime | None
+    dry_run: bool = False
+    events: int = 0
+    bytes: int = 0
+    batches: int = 0
+    # False when the run stopped at its time budget with purgeable events left.
+    complete: bool = True
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "retention_days": self.retention_days,
+            "cutoff": self.cutoff.isoformat() if self.cutoff else None,
+            "dry_run": self.dry_run,
+            "events": self.events,
+            "bytes": self.bytes,
+            "complete": self.complete,
+        }
+
+
+def purge_cutoff(retention_days: int, now: datetime | None = None) -> datetime | None:
+    """Events whose processing finished before this lose their body; None: retention is off."""
+    if retention_days <= 0:
+        return None
+    return (now or utcnow()) - timedelta(days=retention_days)
+
+
+def _purgeable(cutoff: datetime) -> list[ColumnElement[bool]]:
+    ev = WebhookEvent
+    return [
+        ev.purged_at.is_(None),
+        ev.status.in_([str(s) for s in PURGEABLE]),
+        ev.processed_at < cutoff,
+    ]
+
+
+def _stored_size() -> ColumnElement[int]:
+    ev = WebhookEvent
+    return cast(
+        ColumnElement[int],
+        func.coalesce(func.length(ev.body), 0)
+        + func.coalesce(func.length(ev.headers.cast(Text())), 0),
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    events: int
+    bytes: int
+    # The last `processed_at` of the batch: where the next one starts.
+    reached: datetime | None
+
+
+def purge_batch(
+    session: Session, cutoff: datetime, limit: int, after: datetime | None = None
+) -> Batch:
+    """Purge up to `limit` events, oldest first from `after`, in the caller's transaction.
+
+    The rows are taken with `FOR UPDATE SKIP LOCKED`: a row another purge holds is left to
+    it, and only these rows are locked, briefly - the ingest inserts new rows and never
+    waits (a duplicate delivery of one of these waits for this transaction at most, then
+    answers 200 duplicate). `after` lets a run walk the index forward: the entries of the
+    rows it purged stay in the index until vacuum, and starting each batch from the
+    beginning again made every batch slower than the one before.
+    """
+    ev = WebhookEvent
+    where = _purgeable(cutoff)
+    if after is not None:
+        where.append(ev.processed_at >= after)
+    rows = session.execute(
+        select(ev.webhook_id, ev.processed_at, _stored_size().label("size"))
+        .where(*where)
+        .order_by(ev.processed_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return Batch(0, 0, after)
+    session.execute(
+        update(ev)
+        .where(ev.webhook_id.in_([row.webhook_id for row in rows]))
+        # null(): the JSON type would store a JSON `null` for None.
+        .values(body=null(), headers=null(), purged_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    events, size = len(rows), sum(int(row.size or 0) for row in rows)
+    add_counters(session, {PURGED_EVENTS: events, PURGED_BYTES: size})
+    return Batch(events, size, max(row.processed_at for row in rows))
+
+
+def add_counters(session: Session, amounts: dict[str, int]) -> None:
+    table = cast(Table, LifecycleCounter.__table__)
+    insert = dialect_insert(session.get_bind().dialect.name)(table)
+    session.execute(
+        insert.values(
+            [{"name": name, "value": value} for name, value in amounts.items()]
+        ).on_conflict_do_update(
+            index_elements=["name"], set_={"value": table.c.value + insert.excluded.value}
+        )
+    )
+
+
+def purge(
+    factory: sessionmaker[Session],
+    *,
+    retention_days: int,
+    batch_size: int,
+    dry_run: bool = False,
+    run_seconds: float | None = None,
+    pause_seconds: float = 0.0,
+    progress: Callable[[PurgeResult], None] | None = None,
+) -> PurgeResult:
+    """Remove the body and headers of events processed or ignored longer ago than
+    `retention_days`, one short transaction per batch, until none is left (or `run_seconds`
+    have passed: the next run carries on). Dead letters, pending and retrying events keep
+    theirs; every row and its `webhook_id` stay, so a late duplicate is still recognised.
+    `pause_seconds` between batches leaves the database to the ingest and the workers.
+    """
+    cutoff = purge_cutoff(retention_days)
+    result = PurgeResult(retention_days, cutoff, dry_run)
+    if cutoff is None:
+        return result
+    if dry_run:
+        with factory() as session:
+            count, size = session.execute(
+                select(func.count(), func.coalesce(func.sum(_stored_size()), 0)).where(
+                    *_purgeable(cutoff)
+                )
+            ).one()
+        result.events, result.bytes = int(count), int(size)
+        return result
+    deadline = None if run_seconds is None else time.monotonic() + run_seconds
+    reached: datetime | None = None
+    while True:
+        with transaction(factory) as session:
+            batch = purge_batch(session, cutoff, batch_size, reached)
+        reached = batch.reached
+        result.events += batch.events
+        result.bytes += batch.bytes
+        result.batches += 1
+        if progress is not None and batch.events:
+            progress(result)
+        if batch.events < batch_size:
+            # Rows skipped because another purge held them are that purge's, or the next
+            # run's (it starts from the beginning).
+            return result
+        if deadline is not None and time.monotonic() >= deadline:
+            result.complete = False
+            return result
+        if pause_seconds:
+            time.sleep(pause_seconds)
+
+
+def lifecycle_totals(session: Session) -> dict[str, int]:
+    rows = session.execute(select(LifecycleCounter.name, LifecycleCounter.value)).all()
+    return {name: int(value) for name, value in rows}
+
+
+# ----------------------------------------------------------------------------- erasure
+
+# Keys whose whole value is the customer's personal data wherever they appear in Dodo's
+# objects (customer, billing address, card, tax id, custom fields, free-text comments).
+PERSONAL_KEYS = frozenset(
+    {
+        "email",
+        "name",
+        "phone_number",
+        "phone",
+        "metadata",
+        "billing",
+        "billing_address",
+        "shipping",
+        "shipping_address",
+        "address",
+        "street",
+        "city",
+        "state",
+        "zipcode",
+        "postal_code",
+        "tax_id",
+        "customer_business_name",
+        "customer_name",
+        "customer_email",
+        "custom_field_responses",
+        "cancellation_comment",
+        # Free text, written by the customer, the merchant or a bank about the customer: an
+        # event arriving after the erasure may carry the customer's name in it, and the
+        # personal strings it would be matched against are gone by then.
+        "description",
+        "remarks",
+        "reason",
+        "comment",
+        "note",
+        "notes",
+        "card_holder_name",
+        "card_last_four",
+        "card_network",
+        "card_type",
+        "card_issuing_country",
+        "card_exp_month",
+        "card_exp_year",
+    }
+)
+# Values kept whatever they hold: ids, amounts, statuses, timestamps, currencies, types.
+KEPT_SUFFIXES = (
+    "id",
+    "_at",
+    "amount",
+    "_status",
+    "status",
+    "_date",
+    "_before",
+    "_after",
+    "currency",
+    "type",
+    "timestamp",
+    "quantity",
+    "balance",
+)
+ERASED_TEXT = "[erased]"
+# A personal string shorter than this is replaced only where it is a whole value: "CA" is a
+# state, and also inside many other words.
+MIN_SUBSTRING = 4
+SIGNATURE_HEADER = "webhook-signature"
+
+
+def _kept(key: str) -> bool:
+    return key.endswith(KEPT_SUFFIXES)
+
+
+def personal_strings(value: Any, *, inside: bool = False) -> set[str]:
+    """Every string held under a personal key: what must not survive anywhere else either."""
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found |= personal_strings(item, inside=inside or key in PERSONAL_KEYS)
+    elif isinstance(value, list):
+        for item in value:
+            found |= personal_strings(item, inside=inside)
+    elif inside and isinstance(value, str) and value.strip() and value != ERASED_TEXT:
+        found.add(value)
+    return found
+
+
+def _blank(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _blank(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return []
+    return None
+
+
+def _scrub_text(value: str, strings: Sequence[str]) -> str:
+    for personal in strings:
+        if value == personal:
+            return ERASED_TEXT
+        if len(personal) >= MIN_SUBSTRING and personal in value:
+            value = value.replace(personal, ERASED_TEXT)
+    return value
+
+
+def erase_json(value: Any, strings: Iterable[str] = ()) -> Any:
+    """The value without personal data: personal keys blanked (null; `metadata` `{}`), and
+    the given personal strings replaced wherever else they occur, but never in an id, an
+    amount, a status or a timestamp."""
+    ordered = sorted(set(strings), key=len, reverse=True)
+    return _erase(value, ordered)
+
+
+def _erase(value: Any, strings: Sequence[str]) -> Any:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if key in PERSONAL_KEYS:
+                out[key] = {} if key == "metadata" and isinstance(item, dict) else _blank(item)
+            elif _kept(key) and not isinstance(item, dict | list):
+                out[key] = item
+            else:
+                out[key] = _erase(item, strings)
+        return out
+    if isinstance(value, list):
+        return [_erase(item, strings) for item in value]
+    if isinstance(value, str) and strings:
+        return _scrub_text(value, strings)
+    return value
+
+
+def customer_of_data(data: Any) -> str | None:
+    """The customer an event's `data` is about: `customer.customer_id` or `customer_id`."""
+    if not isinstance(data, dict):
+        return None
+    customer = data.get("customer")
+    if isinstance(customer, dict) and isinstance(customer.get("customer_id"), str):
+        return str(customer["customer_id"])
+    found = data.get("customer_id")
+    return found if isinstance(found, str) else None
+
+
+def load_body(body: bytes | None) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def payment_of(envelope: dict[str, Any] | None) -> str | None:
+    """The payment an event makes a customer's: a payment event's own, or that of an event
+    that names no customer (a dispute). Others (a subscription's latest payment) are not
+    trusted to say whose a payment is."""
+    data = envelope.get("data") if envelope else None
+    if not isinstance(data, dict) or not isinstance(data.get("payment_id"), str):
+        return None
+    kind = str(envelope.get("type", "")) if envelope else ""
+    if kind.startswith("payment.") or customer_of_data(data) is None:
+        return str(data["payment_id"])
+    return None
+
+
+def customer_in_body(body: bytes | None) -> str | None:
+    envelope = load_body(body)
+    return customer_of_data(envelope.get("data")) if envelope else None
+
+
+@dataclass
+class Scope:
+    """The rows that hold a customer's data, found by id: theirs, and their payments'."""
+
+    customer_id: str
+    payment_ids: set[str] = field(default_factory=set)
+    webhook_ids: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class PersonalTable:
+    """A table that keeps customer data: its JSON (and text) columns, and how to find the
+    customer's rows. A new such table (the change feed's, say) is one more entry below."""
+
+    model: type[Base]
+    json_columns: tuple[str, ...]
+    rows: Callable[[Scope], ColumnElement[bool]]
+    text_columns: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return str(self.model.__tablename__)
+
+
+def _in(column: Any, values: set[str]) -> ColumnElement[bool]:
+    return cast(ColumnElement[bool], column.in_(sorted(values))) if values else false()
+
+
+# The read model's tables with personal data. `webhook_events` (raw bodies and headers) is
+# erased by `_erase_events`. Not listed, as they hold none: `credit_balances` (amounts and
+# ids) and the histories (`dispute_history`, `subscription_history`: statuses, stages,
+# product and quantity).
+PERSONAL_TABLES: tuple[PersonalTable, ...] = (
+    PersonalTable(Payment, ("data",), lambda s: Payment.customer_id == s.customer_id),
+    PersonalTable(Refund, ("data",), lambda s: _in(Refund.payment_id, s.payment_ids)),
+    PersonalTable(Dispute, ("data",), lambda s: _in(Dispute.payment_id, s.payment_ids)),
+    PersonalTable(Subscription, ("data",), lambda s: Subscription.customer_id == s.customer_id),
+    PersonalTable(LicenseKey, ("data",), lambda s: LicenseKey.customer_id == s.customer_id),
+    PersonalTable(CreditEntry, ("data",), lambda s: CreditEntry.customer_id == s.customer_id),
+)
+
+
+@dataclass
+class TableCount:
+    rows: int = 0
+    changed: int = 0
+
+
+@dataclass
+class ErasureResult:
+    customer_id: str
+    dry_run: bool
+    counts: dict[str, TableCount]
+    erasure_id: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def found(self) -> bool:
+        return any(count.rows for count in self.counts.values())
+
+    def counts_json(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {"rows": count.rows, "changed": count.changed}
+            for name, count in self.counts.items()
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "customer_id": self.customer_id,
+            "dry_run": self.dry_run,
+            "erasure_id": self.erasure_id,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "counts": self.counts_json(),
+        }
+
+
+class ErasureError(ValueError):
+    """An erasure that cannot run, in one line (HTTP 400, or the CLI's error)."""
+
+
+def check_customer_id(customer_id: str) -> str:
+    customer_id = customer_id.strip() if isinstance(customer_id, str) else ""
+    if not customer_id or len(customer_id) > 255 or "\x00" in customer_id:
+        raise ErasureError("customer id: expected 1-255 characters, e.g. cus_123")
+    return customer_id
+
+
+def erase_customer(
+    factory: sessionmaker[Session],
+    customer_id: str,
+    *,
+    dry_run: bool = False,
+    requested_by: str = "unknown",
+    batch_size: int = 200,
+) -> ErasureResult:
+    """Remove a customer's personal data from raw bodies, headers and the read model.
+
+    Ids, amounts, statuses and timestamps stay, and so do the ledger's amounts (its chain
+    and balances do not change). First the erasure is recorded (`customer_erasures`): from
+    then on a worker that finishes an event of this customer erases it in the same
+    transaction (workers/claims.py). Then the customer's events are searched and each is
+    locked before anything else is erased: a worker that checked for an erasure before it
+    was recorded holds its event's row lock until it commits, so the erasure waits for it
+    and then sees what it wrote. An event is either found here or erased by its worker.
+    """
+    customer_id = check_customer_id(customer_id)
+    result = ErasureResult(customer_id, dry_run, {})
+    if not dry_run:
+        result.erasure_id, result.started_at = _mark(factory, customer_id, requested_by)
+    with factory() as session:
+        scope = find_scope(session, customer_id)
+    strings = _collect_strings(factory, scope)
+    result.counts["webhook_events"] = _erase_events(
+        factory, sorted(scope.webhook_ids), strings, dry_run=dry_run, batch_size=batch_size
+    )
+    for table in PERSONAL_TABLES:
+        result.counts[table.name] = _erase_table(factory, table, scope, strings, dry_run=dry_run)
+    if not dry_run:
+        result.finished_at = utcnow()
+        with transaction(factory) as session:
+            session.execute(
+                update(CustomerErasure)
+                .where(CustomerErasure.id == result.erasure_id)
+                .values(finished_at=result.finished_at, counts=result.counts_json())
+            )
+    return result
+
+
+def _mark(
+    factory: sessionmaker[Session], customer_id: str, requested_by: str
+) -> tuple[int, datetime]:
+    now = utcnow()
+    with transaction(factory) as session:
+        row = CustomerErasure(
+            customer_id=customer_id, started_at=now, requested_by=requested_by[:255], counts={}
+        )
+        session.add(row)
+        session.flush()
+        return row.id, now
+
+
+def _quoted(value: str) -> bytes:
+    # As JSON writes the id, quotes included, so cus_1 does not find cus_12.
+    return json.dumps(value).encode()
+
+
+def _events_matching(
+    session: Session, needles: Sequence[bytes], keep: Callable[[dict[str, Any] | None], bool]
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    ev = WebhookEvent
+    for start in range(0, len(needles), 50):
+        chunk = [literal(n) for n in needles[start : start + 50]]
+        rows = session.execute(
+            select(ev.webhook_id, ev.body).where(
+                ev.body.is_not(None), _body_contains_literals(session, chunk)
+            )
+        )
+        for webhook_id, body in rows:
+            envelope = load_body(body)
+            if keep(envelope):
+                yield webhook_id, envelope
+
+
+def _body_contains_literals(session: Session, needles: Sequence[Any]) -> ColumnElement[bool]:
+    body = WebhookEvent.body
+    if session.get_bind().dialect.name == "postgresql":
+        return or_(*(func.position(needle.op("IN")(body)) > 0 for needle in needles))
+    return or_(*(func.instr(body, needle) > 0 for needle in needles))
+
+
+def find_scope(session: Session, customer_id: str) -> Scope:
+    """The customer's events (by `data.customer.customer_id` or `data.customer_id`), their
+    payments (read model and events), and the refund and dispute events of those payments."""
+    scope = Scope(customer_id)
+    scope.payment_ids.update(
+        session.scalars(select(Payment.payment_id).where(Payment.customer_id == customer_id))
+    )
+
+    def theirs(envelope: dict[str, Any] | None) -> bool:
+        return envelope is not None and customer_of_data(envelope.get("data")) == customer_id
+
+    for webhook_id, envelope in _events_matching(session, [_quoted(customer_id)], theirs):
+        scope.webhook_ids.add(webhook_id)
+        payment = payment_of(envelope)
+        if payment is not None:
+            scope.payment_ids.add(payment)
+
+    def of_their_payments(envelope: dict[str, Any] | None) -> bool:
+        # Events that name a customer were matched by it above; these name none (disputes).
+        data = envelope.get("data") if envelope else None
+        return (
+            isinstance(data, dict)
+            and customer_of_data(data) is None
+            and data.get("payment_id") in scope.payment_ids
+        )
+
+    needles = [_quoted(p) for p in sorted(scope.payment_ids)]
+    for webhook_id, _ in _events_matching(session, needles, of_their_payments):
+        scope.webhook_ids.add(webhook_id)
+    return scope
+
+
+def _collect_strings(factory: sessionmaker[Session], scope: Scope) -> set[str]:
+    strings: set[str] = set()
+    with factory() as session:
+        ids = sorted(scope.webhook_ids)
+        for start in range(0, len(ids), 500):
+            bodies = session.scalars(
+                select(WebhookEvent.body).where(
+                    WebhookEvent.webhook_id.in_(ids[start : start + 500])
+                )
+            )
+            for body in bodies:
+                strings |= personal_strings(load_body(body))
+        for table in PERSONAL_TABLES:
+            columns = [getattr(table.model, c) for c in table.json_columns]
+            for row in session.execute(select(*columns).where(table.rows(scope))):
+                for value in row:
+                    strings |= personal_strings(value)
+    return strings
+
+
+def erase_body(
+    body: bytes | None, headers: dict[str, str] | None, strings: Iterable[str]
+) -> tuple[bytes | None, dict[str, str] | None] | None:
+    """The body and headers without personal data, or None when they hold none."""
+    if body is None:
+        return None
+    envelope = load_body(body)
+    ordered = sorted(set(strings), key=len, reverse=True)
+    if envelope is None:
+        # Not a JSON object (dead on arrival): the personal strings known are cut out.
+        cleaned = body
+        for personal in ordered:
+            if len(personal) >= MIN_SUBSTRING:
+                cleaned = cleaned.replace(personal.encode(), ERASED_TEXT.encode())
+        new_body = cleaned
+    else:
+        erased = _erase(envelope, ordered)
+        new_body = body if erased == envelope else json.dumps(erased).encode()
+    if new_body == body:
+        return None
+    # The signature was over the personal data; it can no longer verify anything.
+    kept = {k: v for k, v in (headers or {}).items() if k != SIGNATURE_HEADER}
+    return new_body, kept
+
+
+def _erase_events(
+    factory: sessionmaker[Session],
+    webhook_ids: Sequence[str],
+    strings: set[str],
+    *,
+    dry_run: bool,
+    batch_size: int,
+) -> TableCount:
+    count = TableCount()
+    ev = WebhookEvent
+    for start in range(0, len(webhook_ids), batch_size):
+        chunk = webhook_ids[start : start + batch_size]
+        with transaction(factory) as session:
+            query = select(ev.webhook_id, ev.body, ev.headers).where(ev.webhook_id.in_(chunk))
+            if not dry_run:
+                query = query.with_for_update()
+            for webhook_id, body, headers in session.execute(query).all():
+                count.rows += 1
+                erased = erase_body(body, headers, strings)
+                if erased is None:
+                    continue
+                count.changed += 1
+                if not dry_run:
+                    session.execute(
+                        update(ev)
+                        .where(ev.webhook_id == webhook_id)
+                        .values(body=erased[0], headers=erased[1], erased_at=utcnow())
+                    )
+    return count
+
+
+def _erase_table(
+    factory: sessionmaker[Session],
+    table: PersonalTable,
+    scope: Scope,
+    strings: set[str],
+    *,
+    dry_run: bool,
+) -> TableCount:
+    with transaction(factory) as session:
+        return erase_rows(session, table, scope, strings, dry_run=dry_run)
+
+
+def erase_rows(
+    session: Session,
+    table: PersonalTable,
+    scope: Scope,
+    strings: Iterable[str],
+    *,
+    dry_run: bool = False,
+) -> TableCount:
+    """Erase the scope's rows of one table in the caller's transaction, locked meanwhile."""
+    count = TableCount()
+    model = table.model
+    keys = [str(c.key) for c in inspect(model).primary_key]
+    columns = (*table.json_columns, *table.text_columns)
+    ordered = sorted(set(strings), key=len, reverse=True)
+    query = select(*(getattr(model, k) for k in keys), *(getattr(model, c) for c in columns))
+    query = query.where(table.rows(scope))
+    if not dry_run:
+        query = query.with_for_update()
+    for row in session.execute(query).all():
+        count.rows += 1
+        key, values = row[: len(keys)], row[len(keys) :]
+        changes: dict[str, Any] = {}
+        for name, value in zip(columns, values, strict=True):
+            if name in table.json_columns:
+                new = _erase(value, ordered)
+            else:
+                new = _scrub_text(value, ordered) if isinstance(value, str) else value
+            if new != value:
+                changes[name] = new
+        if not changes:
+            continue
+        count.changed += 1
+        if not dry_run:
+            session.execute(
+                update(model)
+                .where(*(getattr(model, k) == v for k, v in zip(keys, key, strict=True)))
+                .values(**changes)
+            )
+    return count
+
+
+def erase_on_apply(session: Session, webhook_id: str, customer_id: str) -> None:
+    """An event of an erased customer, just applied: erase it and what it wrote, in the
+    applying transaction (which holds the event's and the record's row locks already)."""
+    ev = WebhookEvent
+    body, headers = session.execute(
+        select(ev.body, ev.headers).where(ev.webhook_id == webhook_id)
+    ).one()
+    envelope = load_body(body)
+    strings = personal_strings(envelope)
+    scope = Scope(customer_id, webhook_ids={webhook_id})
+    scope.payment_ids.update(
+        session.scalars(select(Payment.payment_id).where(Payment.customer_id == customer_id))
+    )
+    payment = payment_of(envelope)
+    if payment is not None:
+        scope.payment_ids.add(payment)
+    erased = erase_body(body, headers, strings)
+    if erased is not None:
+        session.execute(
+            update(ev)
+            .where(ev.webhook_id == webhook_id)
+            .values(body=erased[0], headers=erased[1], erased_at=utcnow())
+        )
+    for table in PERSONAL_TABLES:
+        erase_rows(session, table, scope, strings)
+
+
+def list_erasures(session: Session, customer_id: str | None = None) -> list[CustomerErasure]:
+    query = select(CustomerErasure).order_by(CustomerErasure.id)
+    if customer_id is not None:
+        query = query.where(CustomerErasure.customer_id == customer_id)
+    return list(session.scalars(query))

@@ -1,0 +1,445 @@
+"""Retention and erasure (shared/lifecycle.py) against real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.db import make_sessionmaker, utcnow
+from shared.lifecycle import (
+    ERASED_TEXT,
+    PURGED_BYTES,
+    PURGED_EVENTS,
+    erase_customer,
+    erase_json,
+    lifecycle_totals,
+    personal_strings,
+    purge,
+)
+from shared.models import (
+    CreditEntry,
+    CustomerErasure,
+    EventStatus,
+    Payment,
+    Subscription,
+    WebhookEvent,
+)
+from tests.dead_letter_support import store_event
+from tests.handlers.events import T0
+from tests.lifecycle_support import (
+    ALICE,
+    BOB,
+    Feed,
+    body_for,
+    dump,
+    every_row,
+    every_table_as_text,
+    found_in,
+    history_of,
+    state_of,
+)
+from workers.claims import apply_event, claim_event
+
+
+def backdate(engine: Engine, webhook_ids: list[str], days: float) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.webhook_id.in_(webhook_ids))
+            .values(processed_at=utcnow() - timedelta(days=days))
+        )
+
+
+def event(engine: Engine, webhook_id: str) -> WebhookEvent:
+    with Session(engine) as session:
+        row = session.get(WebhookEvent, webhook_id)
+        assert row is not None
+        return row
+
+
+class TestEraseJson:
+    """The redaction of one JSON value: personal keys blanked, the rest kept."""
+
+    def test_personal_keys_are_blanked_and_ids_amounts_statuses_kept(self) -> None:
+        data = {
+            "payment_id": "pay_1",
+            "total_amount": 2500,
+            "status": "succeeded",
+            "created_at": "2026-01-01T00:00:00Z",
+            "customer": {
+                "customer_id": "cus_1",
+                "email": "a@b.c",
+                "name": "Ann",
+                "metadata": {"k": "v"},
+            },
+            "billing": {"country": "DE", "city": "Berlin", "zipcode": "10115"},
+            "card_last_four": "4242",
+            "metadata": {"note": "x"},
+        }
+        erased = erase_json(data)
+        assert erased == {
+            "payment_id": "pay_1",
+            "total_amount": 2500,
+            "status": "succeeded",
+            "created_at": "2026-01-01T00:00:00Z",
+            "customer": {"customer_id": "cus_1", "email": None, "name": None, "metadata": {}},
+            "billing": {"country": None, "city": None, "zipcode": None},
+            "card_last_four": None,
+            "metadata": {},
+        }
+
+    def test_personal_strings_are_cut_out_of_free_text_but_never_out_of_kept_fields(self) -> None:
+        data = {
+            "customer": {"customer_id": "cus_1", "name": "Ann Smith", "email": "ann@x.org"},
+            "billing": {"zipcode": "100", "state": "CA"},
+            "error_message": "card of ann@x.org (Ann Smith) declined",
+            "label": "CA",
+            "amount": "100",
+            "balance_after": "100",
+            "currency": "CAD",
+        }
+        strings = personal_strings(data)
+        assert strings == {"Ann Smith", "ann@x.org", "100", "CA"}
+        erased = erase_json(data, strings)
+        assert erased["error_message"] == f"card of {ERASED_TEXT} ({ERASED_TEXT}) declined"
+        assert erased["label"] == ERASED_TEXT  # a short string only as a whole value
+        assert (erased["amount"], erased["balance_after"], erased["currency"]) == (
+            "100",
+            "100",
+            "CAD",
+        )
+
+    def test_erasing_twice_gives_the_same_value(self) -> None:
+        data = body_for("subscription.active", ALICE, T0)
+        once = erase_json(data, personal_strings(data))
+        assert erase_json(once, personal_strings(once)) == once
+        assert personal_strings(once) == set()
+
+
+class TestPurge:
+    """RETENTION_DAYS: old processed and ignored bodies go, everything else stays."""
+
+    def test_old_processed_and_ignored_bodies_are_purged_recent_ones_and_dead_letters_kept(
+        self, clean_db: Engine
+    ) -> None:
+        feed = Feed(clean_db)
+        old = feed.send(body_for("payment.succeeded", ALICE, T0, payment_id="pay_old"))
+        ignored = feed.send(
+            {"business_id": "b", "type": "payout.sent", "timestamp": T0.isoformat(), "data": {}}
+        )
+        recent = feed.send(body_for("payment.succeeded", BOB, T0, payment_id="pay_new"))
+        store_event(clean_db, "msg_dead_old", "payment.succeeded", status=EventStatus.DEAD)
+        pending = feed.record(body_for("payment.failed", BOB, T0, payment_id="pay_p"))
+        backdate(clean_db, [old, ignored, "msg_dead_old"], days=31)
+        backdate(clean_db, [recent], days=29)
+        kept = {w: event(clean_db, w).body for w in (recent, "msg_dead_old", pending)}
+        size = sum(len(event(clean_db, w).body or b"") for w in (old, ignored))
+
+        result = purge(make_sessionmaker(clean_db), retention_days=30, batch_size=500)
+
+        assert (result.events, result.complete) == (2, True)
+        assert result.bytes > size  # bodies and headers
+        for webhook_id in (old, ignored):
+            row = event(clean_db, webhook_id)
+            assert (row.body, row.headers) == (None, None)
+            assert row.purged_at is not None
+            assert row.status in (EventStatus.PROCESSED, EventStatus.IGNORED)
+        for webhook_id, body in kept.items():
+            row = event(clean_db, webhook_id)
+            assert row.body == body and row.headers and row.purged_at is None
+        with Session(clean_db) as session:
+            assert lifecycle_totals(session) == {PURGED_EVENTS: 2, PURGED_BYTES: result.bytes}
+            # The read model does not depend on the raw body.
+            assert session.get(Payment, "pay_old") is not None
+
+    def test_a_dry_run_counts_what_a_run_then_purges_and_a_second_run_purges_nothing(
+        self, clean_db: Engine
+    ) -> None:
+        feed = Feed(clean_db)
+        ids = [
+            feed.send(body_for("payment.succeeded", ALICE, T0, payment_id=f"pay_{n}"))
+            for n in range(7)
+        ]
+        backdate(clean_db, ids, days=40)
+        factory = make_sessionmaker(clean_db)
+
+        dry = purge(factory, retention_days=30, batch_size=3, dry_run=True)
+        assert all(event(clean_db, w).body for w in ids)
+        real = purge(factory, retention_days=30, batch_size=3)
+        again = purge(factory, retention_days=30, batch_size=3)
+
+        assert (dry.events, dry.bytes) == (real.events, real.bytes) == (7, real.bytes)
+        assert real.batches == 3
+        assert (again.events, again.bytes) == (0, 0)
+        with Session(clean_db) as session:
+            assert lifecycle_totals(session)[PURGED_EVENTS] == 7
+
+    def test_two_purges_at_once_share_the_work_and_count_each_row_once(
+        self, clean_db: Engine
+    ) -> None:
+        """Beat's run and an operator's `purge` side by side: SKIP LOCKED, no double count."""
+        template = body_for("payment.succeeded", ALICE, T0)
+        rows = [
+            {
+                "webhook_id": f"msg_bulk_{n}",
+                "type": "payment.succeeded",
+                "status": EventStatus.PROCESSED,
+                "attempts": 1,
+                "body": json.dumps(template).encode(),
+                "headers": {"webhook-id": f"msg_bulk_{n}"},
+                "webhook_ts": 1,
+                "received_at": utcnow(),
+                "processed_at": utcnow() - timedelta(days=40, seconds=n),
+            }
+            for n in range(3000)
+        ]
+        with clean_db.begin() as conn:
+            conn.execute(WebhookEvent.__table__.insert(), rows)
+        factory = make_sessionmaker(clean_db)
+        results: list[Any] = []
+        start = threading.Barrier(2)
+
+        def run() -> None:
+            start.wait()
+            results.append(purge(factory, retention_days=30, batch_size=50, pause_seconds=0.01))
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        leftover = purge(factory, retention_days=30, batch_size=50)
+        assert sum(r.events for r in results) + leftover.events == 3000
+        assert all(r.events > 0 for r in results), "one purge did all the work"
+        with Session(clean_db) as session:
+            assert lifecycle_totals(session)[PURGED_EVENTS] == 3000
+            left = session.scalar(
+                select(func.count()).select_from(WebhookEvent).where(WebhookEvent.body.is_not(None))
+            )
+            assert left == 0
+
+    def test_retention_zero_keeps_everything(self, clean_db: Engine) -> None:
+        feed = Feed(clean_db)
+        webhook_id = feed.send(body_for("payment.succeeded", ALICE, T0))
+        backdate(clean_db, [webhook_id], days=3650)
+        result = purge(make_sessionmaker(clean_db), retention_days=0, batch_size=500)
+        assert (result.cutoff, result.events) == (None, 0)
+        assert event(clean_db, webhook_id).body
+
+    def test_a_run_stops_at_its_time_budget_and_says_it_is_not_complete(
+        self, clean_db: Engine
+    ) -> None:
+        feed = Feed(clean_db)
+        ids = [
+            feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"p{n}"))
+            for n in range(5)
+        ]
+        with clean_db.begin() as conn:
+            conn.execute(update(WebhookEvent).values(status=EventStatus.PROCESSED))
+        backdate(clean_db, ids, days=40)
+        result = purge(make_sessionmaker(clean_db), retention_days=30, batch_size=2, run_seconds=0)
+        assert (result.events, result.complete) == (2, False)
+
+
+def erase(engine: Engine, customer_id: str, **kwargs: Any) -> Any:
+    return erase_customer(make_sessionmaker(engine), customer_id, requested_by="test", **kwargs)
+
+
+class TestErasure:
+    """erase-customer: none of the customer's personal data left anywhere, nothing else changed."""
+
+    def test_a_dump_holds_none_of_the_customers_data_and_the_other_customer_is_untouched(
+        self, clean_db: Engine, pg_url: str
+    ) -> None:
+        feed = Feed(clean_db)
+        history_of(feed, ALICE)
+        history_of(feed, BOB)
+        before = {p.customer_id: state_of(clean_db, p) for p in (ALICE, BOB)}
+        bobs = [row for row in every_row(clean_db) if BOB.customer_id in row]
+        dumped = dump(pg_url)
+        assert all(found_in(dumped, s) for s in ALICE.secrets.values())  # the test can fail
+
+        result = erase(clean_db, ALICE.customer_id)
+
+        dumped, rows = dump(pg_url), every_table_as_text(clean_db)
+        for what, secret in ALICE.secrets.items():
+            assert not found_in(dumped, secret), what
+            assert secret not in rows, what
+        for what, secret in BOB.secrets.items():
+            assert found_in(dumped, secret), what
+        assert [row for row in every_row(clean_db) if BOB.customer_id in row] == bobs
+        assert {p.customer_id: state_of(clean_db, p) for p in (ALICE, BOB)} == before
+        counts = result.counts_json()
+        # The license key and the low-balance alert carry ids and amounts only.
+        assert counts["webhook_events"] == {"rows": 13, "changed": 11}
+        assert counts["payments"]["changed"] == counts["subscriptions"]["changed"] == 1
+        assert counts["refunds"]["changed"] == counts["disputes"]["changed"] == 1
+        assert counts["credit_entries"] == {"rows": 3, "changed": 3}
+
+    def test_ids_amounts_and_statuses_stay_in_the_body_and_the_record(
+        self, clean_db: Engine
+    ) -> None:
+        feed = Feed(clean_db)
+        webhook_id = feed.send(body_for("payment.succeeded", ALICE, T0, payment_id="pay_a"))
+        original = json.loads(event(clean_db, webhook_id).body or b"")
+
+        erase(clean_db, ALICE.customer_id)
+
+        row = event(clean_db, webhook_id)
+        body = json.loads(row.body or b"")
+        assert row.erased_at is not None
+        assert "webhook-signature" not in (row.headers or {})
+        for key in ("payment_id", "total_amount", "currency", "status", "created_at"):
+            assert body["data"][key] == original["data"][key]
+        assert body["type"] == original["type"] and body["timestamp"] == original["timestamp"]
+        assert body["data"]["customer"] == {
+            "customer_id": ALICE.customer_id,
+            "email": None,
+            "name": None,
+            "phone_number": None,
+            "metadata": {},
+        }
+        with Session(clean_db) as session:
+            payment = session.get(Payment, "pay_a")
+            assert payment is not None
+            assert payment.representation()["customer"]["email"] is None
+            assert payment.representation()["customer_id"] == ALICE.customer_id
+
+    def test_a_second_run_changes_nothing_and_both_runs_are_recorded_without_the_data(
+        self, clean_db: Engine, pg_url: str
+    ) -> None:
+        feed = Feed(clean_db)
+        history_of(feed, ALICE)
+        erase(clean_db, ALICE.customer_id)
+        first = every_table_as_text(clean_db)
+
+        again = erase(clean_db, ALICE.customer_id)
+
+        assert all(c["changed"] == 0 for c in again.counts_json().values())
+        with Session(clean_db) as session:
+            runs = session.scalars(select(CustomerErasure).order_by(CustomerErasure.id)).all()
+            assert [r.customer_id for r in runs] == [ALICE.customer_id] * 2
+            assert runs[0].counts["webhook_events"]["changed"] == 11
+            assert all(r.finished_at and r.requested_by == "test" for r in runs)
+        logged = json.dumps([r.summary() for r in runs])
+        assert not any(s in logged for s in ALICE.secrets.values())
+        # Only the erasure log grew.
+        assert every_table_as_text(clean_db).count(ALICE.name) == first.count(ALICE.name) == 0
+
+    def test_a_dry_run_counts_and_changes_nothing(self, clean_db: Engine) -> None:
+        feed = Feed(clean_db)
+        history_of(feed, ALICE)
+        before = every_table_as_text(clean_db)
+        result = erase(clean_db, ALICE.customer_id, dry_run=True)
+        assert result.counts_json()["webhook_events"] == {"rows": 13, "changed": 11}
+        assert result.erasure_id is None
+        assert every_table_as_text(clean_db) == before
+
+    def test_an_event_arriving_after_the_erasure_is_applied_then_erased_in_the_same_transaction(
+        self, clean_db: Engine, pg_url: str
+    ) -> None:
+        feed = Feed(clean_db)
+        history_of(feed, ALICE)
+        erase(clean_db, ALICE.customer_id)
+        sub = f"sub_{ALICE.customer_id}"
+
+        late = [
+            feed.send(
+                body_for(
+                    "subscription.cancelled", ALICE, T0 + timedelta(hours=1), subscription_id=sub
+                )
+            ),
+            feed.send(
+                body_for(
+                    "credit.deducted",
+                    ALICE,
+                    T0 + timedelta(hours=1),
+                    id="cle_late",
+                    credit_entitlement_id="cde_main",
+                    amount="5.00",
+                    balance_before="30.00",
+                    balance_after="25.00",
+                    description=f"usage by {ALICE.email}",
+                )
+            ),
+            # A dispute names no customer: found through its payment.
+            feed.send(
+                body_for(
+                    "dispute.lost",
+                    ALICE,
+                    T0 + timedelta(hours=1),
+                    payment_id=f"pay_{ALICE.customer_id}",
+                    dispute_id="dis_late",
+                )
+            ),
+            # An event type nobody handles is ignored, and erased all the same.
+            feed.send(
+                {
+                    "business_id": "b",
+                    "type": "abandoned_checkout.detected",
+                    "timestamp": T0.isoformat(),
+                    "data": {"customer": ALICE.customer(), "billing": ALICE.billing()},
+                }
+            ),
+        ]
+
+        with Session(clean_db) as session:
+            assert [session.get(WebhookEvent, w).status for w in late] == [  # type: ignore[union-attr]
+                "processed",
+                "processed",
+                "processed",
+                "ignored",
+            ]
+            subscription = session.get(Subscription, sub)
+            assert subscription is not None and subscription.status == "cancelled"
+            entry = session.get(CreditEntry, "cle_late")
+            assert entry is not None and entry.balance_after == 25
+        dumped = dump(pg_url)
+        for what, secret in ALICE.secrets.items():
+            assert not found_in(dumped, secret), what
+
+    def test_an_unknown_customer_is_recorded_so_that_their_first_events_are_erased(
+        self, clean_db: Engine
+    ) -> None:
+        result = erase(clean_db, ALICE.customer_id)
+        assert not result.found and result.erasure_id is not None
+        feed = Feed(clean_db)
+        webhook_id = feed.send(body_for("payment.succeeded", ALICE, T0))
+        assert ALICE.email.encode() not in (event(clean_db, webhook_id).body or b"")
+
+    def test_an_erasure_waits_for_a_worker_applying_that_customers_event_then_erases_it(
+        self, clean_db: Engine, pg_url: str
+    ) -> None:
+        """The worker's transaction has applied the event but not committed when the erasure
+        starts: the erasure waits for it, then finds and erases what it wrote."""
+        feed = Feed(clean_db)
+        webhook_id = feed.record(body_for("payment.succeeded", ALICE, T0, payment_id="pay_a"))
+        claim = claim_event(feed.factory, webhook_id, 300, None)
+        assert claim is not None
+        results: list[Any] = []
+        with feed.factory() as worker, worker.begin():
+            apply_event(worker, claim)
+            eraser = threading.Thread(
+                target=lambda: results.append(erase(clean_db, ALICE.customer_id))
+            )
+            eraser.start()
+            eraser.join(timeout=1.0)
+            assert eraser.is_alive(), "the erasure did not wait for the worker"
+        eraser.join(timeout=30)
+        assert results and results[0].counts_json()["payments"] == {"rows": 1, "changed": 1}
+        dumped = dump(pg_url)
+        for what, secret in ALICE.secrets.items():
+            assert not found_in(dumped, secret), what
+
+    @pytest.mark.parametrize("customer_id", ["", "   ", "x" * 256])
+    def test_a_malformed_customer_id_is_refused(self, clean_db: Engine, customer_id: str) -> None:
+        from shared.lifecycle import ErasureError
+
+        with pytest.raises(ErasureError, match="customer id"):
+            erase(clean_db, customer_id)
