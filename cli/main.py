@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli import db, dev, dlq, sendtest
+from cli import changes, db, dev, dlq, sendtest
 from cli.errors import CommandError
 from shared.settings import ConfigError
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-hosted processor for Dodo Payments webhooks.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (db, dev, sendtest, dlq):
+    for module in (db, dev, sendtest, dlq, changes):
         module.register(commands)
     return parser
 
