@@ -34,7 +34,7 @@ DELIVERIES = cast(Table, OutboundDelivery.__table__)
 # The answer's first bytes kept with the attempt: enough to read an error page's reason.
 RESPONSE_HEAD_BYTES = 1024
 # Added to the POST timeout for the lease: the attempt's own bookkeeping.
-LEASE_SLACK_SECONDS = 30
+LEASE_SLACK_SECONDS = 5
 
 _earlier = aliased(OutboundDelivery)
 _inflight = aliased(OutboundDelivery)
