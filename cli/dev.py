@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from cli.errors import CommandError
-from shared.settings import parse_secrets
+from shared.settings import parse_secrets, parse_urls
 
 # The settings file `dodo-webhooks dev` writes and `send-test` reads back.
 DEV_ENV_FILE = "dev.env"
@@ -60,6 +60,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dev.add_argument(
         "--verbose", "-v", action="store_true", help="print every line the children log"
     )
+    dev.add_argument(
+        "--forward-to",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST every change of the read model to this local app, signed as Standard "
+        "Webhooks (like `stripe listen --forward-to`); repeat for several",
+    )
     dev.set_defaults(run=cmd_dev)
 
 
@@ -72,6 +80,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             broker_port=args.broker_port,
             concurrency=args.concurrency,
             verbose=args.verbose,
+            forward_to=tuple(args.forward_to),
         )
     except DevError as exc:
         raise CommandError(str(exc)) from None
@@ -110,6 +119,9 @@ class DevSettings:
     webhook_key: str
     admin_token: str
     secret_from_env: bool
+    # `--forward-to`: where the changes go, and the secret they are signed with.
+    forward_to: tuple[str, ...] = ()
+    outbound_secret: str = ""
 
     @property
     def database_url(self) -> str:
@@ -128,12 +140,16 @@ class DevSettings:
         return f"{self.base_url}/webhooks/dodo"
 
     def child_env(self) -> dict[str, str]:
-        return {
+        env = {
             "DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis_url,
             "DODO_PAYMENTS_WEBHOOK_KEY": self.webhook_key,
             "ADMIN_TOKEN": self.admin_token,
         }
+        if self.forward_to:
+            env["OUTBOUND_WEBHOOK_URL"] = " ".join(self.forward_to)
+            env["OUTBOUND_WEBHOOK_SECRET"] = self.outbound_secret
+        return env
 
     def write(self) -> Path:
         path = self.data_dir / DEV_ENV_FILE
@@ -149,12 +165,17 @@ class DevSettings:
             lines.append("# DODO_PAYMENTS_WEBHOOK_KEY came from the environment; not stored.")
         else:
             lines.append(f"DODO_PAYMENTS_WEBHOOK_KEY={self.webhook_key}")
+        if self.outbound_secret:
+            lines.append("# The secret `--forward-to` signs the changes with (your app verifies).")
+            lines.append(f"OUTBOUND_WEBHOOK_SECRET={self.outbound_secret}")
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)
         return path
 
 
-def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
+def dev_settings(
+    data_dir: Path, port: int, broker_port: int, forward_to: tuple[str, ...] = ()
+) -> DevSettings:
     """The secret and token: from the environment if set, else the ones kept in the data dir."""
     kept = read_env_file(data_dir / DEV_ENV_FILE)
     given_key = os.environ.get("DODO_PAYMENTS_WEBHOOK_KEY", "").strip()
@@ -169,6 +190,18 @@ def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
         or kept.get("ADMIN_TOKEN")
         or secrets.token_urlsafe(24)
     )
+    outbound_secret = ""
+    if forward_to:
+        try:
+            parse_urls(list(forward_to))
+        except ValueError as exc:
+            raise DevError(f"--forward-to: {exc}") from None
+        given_out = os.environ.get("OUTBOUND_WEBHOOK_SECRET", "").strip()
+        try:
+            parse_secrets(given_out)
+        except ValueError as exc:
+            raise DevError(f"OUTBOUND_WEBHOOK_SECRET: {exc}") from None
+        outbound_secret = given_out or kept.get("OUTBOUND_WEBHOOK_SECRET") or new_secret()
     return DevSettings(
         data_dir=data_dir,
         port=port,
@@ -176,6 +209,8 @@ def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
         webhook_key=webhook_key,
         admin_token=admin_token,
         secret_from_env=bool(given_key),
+        forward_to=forward_to,
+        outbound_secret=outbound_secret,
     )
 
 
@@ -486,6 +521,14 @@ def banner(settings: DevSettings, env_file: Path) -> str:
             f"  database      {settings.database_url}",
             f"  broker        {settings.redis_url}  (fakeredis, in memory)",
             f"  logs          {data_dir / 'logs'}/",
+            *(
+                [
+                    f"  forwarding    changes to {', '.join(settings.forward_to)}",
+                    f"  signed with   {settings.outbound_secret}",
+                ]
+                if settings.forward_to
+                else []
+            ),
             "",
             "Send a signed test event from another terminal:",
             f"  {send}",
@@ -506,6 +549,7 @@ def run_dev(
     concurrency: int,
     verbose: bool,
     out: TextIO = sys.stdout,
+    forward_to: tuple[str, ...] = (),
 ) -> int:
     data_dir = data_dir.expanduser().resolve()
     if sqlite3.sqlite_version_info < (3, 35):
@@ -519,7 +563,11 @@ def run_dev(
     console = Console(out, verbose)
 
     broker = EmbeddedBroker(broker_port)
-    settings = dev_settings(data_dir, port, broker.port)
+    try:
+        settings = dev_settings(data_dir, port, broker.port, forward_to)
+    except DevError:
+        broker.stop()
+        raise
     env_file = settings.write()
     console.say(f"dev: migrating {settings.database_url}")
     try:
