@@ -237,16 +237,21 @@ def next_in_line(factory: sessionmaker[Session], claimed: Claimed) -> int | None
         )
 
 
-def due(factory: sessionmaker[Session], *, older_than: datetime, limit: int = 1000) -> list[int]:
-    """Pending deliveries claimable now and due since `older_than`: what beat re-drives."""
+def due(
+    factory: sessionmaker[Session],
+    *,
+    older_than: datetime,
+    url: str | None = None,
+    limit: int = 1000,
+) -> list[int]:
+    """Pending deliveries claimable now and due since `older_than`: what beat re-drives, and
+    what a failing URL held back once it answers again."""
     now = utcnow()
+    where = [*_claimable(now), D.next_attempt_at <= older_than]
+    if url is not None:
+        where.append(D.url == url)
     with factory() as session:
-        rows = session.scalars(
-            select(D.id)
-            .where(*_claimable(now), D.next_attempt_at <= older_than)
-            .order_by(D.change_seq)
-            .limit(limit)
-        ).all()
+        rows = session.scalars(select(D.id).where(*where).order_by(D.change_seq).limit(limit)).all()
     return list(rows)
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction, utcnow
 from shared.logs import get_logger, log_step
-from shared.models import EventStatus, WebhookEvent
+from shared.models import DeliveryStatus, EventStatus, WebhookEvent
 from shared.queue import (
     DELIVER_CHANGE,
     PROCESS_EVENT,
@@ -281,6 +281,9 @@ def deliver_change(delivery_id: int) -> str:
         return "retrying"
     following = outbound.next_in_line(factory, claimed)
     signal_deliveries([following] if following else [])
+    if verdict.status == DeliveryStatus.DELIVERED and claimed.attempt > 1:
+        # The URL answers again: what its failure held back goes now, not at beat's next look.
+        signal_deliveries(outbound.due(factory, older_than=utcnow(), url=claimed.url, limit=200))
     return str(verdict.status)
 
 
