@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     inspect,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column
@@ -473,6 +474,21 @@ class OutboundDelivery(Base):
     __table_args__ = (
         Index("ix_outbound_deliveries_url_entity", "url", "kind", "entity_id", "change_seq"),
         Index("ix_outbound_deliveries_status_next", "status", "next_attempt_at"),
+        # The claim's "is this URL failing, is a POST to it in flight" look only at these
+        # few rows; without them each claim read every pending delivery of its URL.
+        Index(
+            "ix_outbound_deliveries_failing",
+            "url",
+            postgresql_where=text("status = 'pending' AND last_error IS NOT NULL"),
+            sqlite_where=text("status = 'pending' AND last_error IS NOT NULL"),
+        ),
+        Index(
+            "ix_outbound_deliveries_in_flight",
+            "url",
+            "lease_until",
+            postgresql_where=text("status = 'pending' AND lease_until IS NOT NULL"),
+            sqlite_where=text("status = 'pending' AND lease_until IS NOT NULL"),
+        ),
     )
 
 

@@ -21,7 +21,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import Engine, Table, and_, exists, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Table,
+    and_,
+    exists,
+    insert,
+    literal_column,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
@@ -40,6 +52,7 @@ _earlier = aliased(OutboundDelivery)
 _inflight = aliased(OutboundDelivery)
 _failing = aliased(OutboundDelivery)
 D = OutboundDelivery
+PENDING: ColumnElement[str] = literal_column("'pending'")
 
 
 def _claimable(now: Any) -> list[Any]:
@@ -56,19 +69,32 @@ def _claimable(now: Any) -> list[Any]:
             _earlier.status == DeliveryStatus.PENDING,
         ),
         ~and_(
+            # Literal, as the partial indexes' predicates are, so the planner can use them.
             exists().where(
                 _failing.url == D.url,
-                _failing.status == DeliveryStatus.PENDING,
+                _failing.status == PENDING,
                 _failing.last_error.is_not(None),
             ),
             exists().where(
                 _inflight.url == D.url,
                 _inflight.id != D.id,
-                _inflight.status == DeliveryStatus.PENDING,
+                _inflight.status == PENDING,
+                _inflight.lease_until.is_not(None),
                 _inflight.lease_until > now,
             ),
         ),
     ]
+
+
+def _no_flush_wait(conn: Connection) -> None:
+    """Commit without waiting for the WAL flush: a crash may forget a claim or a verdict,
+    and the delivery is then sent again with the same `webhook-id`, which is the promise
+    (at least once) anyway; what it saves is a disk flush per claim and per verdict."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_ASYNC_COMMIT)
+
+
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
 
 
 @dataclass(frozen=True)
@@ -90,8 +116,9 @@ def claim_delivery(engine: Engine, delivery_id: int, lease_seconds: float) -> Cl
         .values(attempts=D.attempts + 1, lease_until=now + timedelta(seconds=lease_seconds))
         .returning(D.attempts, D.url, D.kind, D.entity_id, D.change_seq)
     )
-    with engine.connect() as conn:
-        row = conn.execution_options(isolation_level="AUTOCOMMIT").execute(statement).first()
+    with engine.begin() as conn:
+        _no_flush_wait(conn)
+        row = conn.execute(statement).first()
     if row is None:
         return None
     return Claimed(delivery_id, row.attempts, row.url, row.kind, row.entity_id, row.change_seq)
@@ -177,6 +204,7 @@ def settle(
         verdict = Verdict(DeliveryStatus.PENDING, countdown)
         values = {"next_attempt_at": now + timedelta(seconds=countdown)}
     with transaction(factory) as session:
+        _no_flush_wait(session.connection())
         result = session.execute(
             update(D)
             .where(

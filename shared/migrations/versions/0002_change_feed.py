@@ -66,6 +66,22 @@ def upgrade() -> None:
     op.create_index(
         "ix_outbound_deliveries_status_next", "outbound_deliveries", ["status", "next_attempt_at"]
     )
+    pending_failing = sa.text("status = 'pending' AND last_error IS NOT NULL")
+    op.create_index(
+        "ix_outbound_deliveries_failing",
+        "outbound_deliveries",
+        ["url"],
+        postgresql_where=pending_failing,
+        sqlite_where=pending_failing,
+    )
+    in_flight = sa.text("status = 'pending' AND lease_until IS NOT NULL")
+    op.create_index(
+        "ix_outbound_deliveries_in_flight",
+        "outbound_deliveries",
+        ["url", "lease_until"],
+        postgresql_where=in_flight,
+        sqlite_where=in_flight,
+    )
     op.create_table(
         "outbound_attempts",
         sa.Column("id", SEQ, autoincrement=True, nullable=False),
