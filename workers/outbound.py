@@ -7,9 +7,10 @@ transaction, then the attempt and the verdict are written, fenced on the attempt
 worker killed mid-POST leaves the lease to run out; beat re-drives the delivery, and the
 receiver gets it again with the same `webhook-id`.
 
-A URL that is failing (a pending delivery of it carries an error) gets one POST in flight
-at a time: a receiver that times out then holds one worker process, not all of them, so
-the events keep being applied at their usual pace.
+The task only hands the delivery to a few sender threads of the worker process
+(workers/tasks.py), so a receiver that hangs holds threads, not the pool processes that
+apply events. A URL that is failing (a pending delivery of it carries an error) gets one
+POST in flight at a time.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -233,8 +234,50 @@ class _Client:
 http = _Client()
 
 
+# POSTs in flight per worker process. They run beside the process's tasks, so a receiver
+# that is slow or times out holds threads, not the pool processes that apply events.
+OUTBOUND_THREADS = 4
+
+
+class _Senders:
+    """One small thread pool per process, made after the fork."""
+
+    def __init__(self) -> None:
+        self._held: tuple[int, ThreadPoolExecutor] | None = None
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._held is None or self._held[0] != os.getpid():
+            pool = ThreadPoolExecutor(OUTBOUND_THREADS, thread_name_prefix="outbound")
+            self._held = (os.getpid(), pool)
+        return self._held[1]
+
+
+senders = _Senders()
+
+
 @app.task(name=DELIVER_CHANGE, ignore_result=True, acks_late=True)
 def deliver_change(delivery_id: int) -> str:
+    """Hand the delivery to this process's senders and return at once.
+
+    If the process dies first, the delivery is still pending in the database, unclaimed,
+    and beat re-drives it.
+    """
+    senders.get().submit(_deliver_logged, delivery_id)
+    return "submitted"
+
+
+def _deliver_logged(delivery_id: int) -> None:
+    try:
+        run_delivery(delivery_id)
+    except Exception as exc:
+        # Pending in the database (claimed or not): the lease runs out and beat re-drives it.
+        log.warning(
+            "outbound delivery failed",
+            extra={"step": "outbound", "delivery_id": delivery_id, "error": describe(exc)},
+        )
+
+
+def run_delivery(delivery_id: int) -> str:
     """POST one change to one URL, in its entity's order; retry with backoff, then dead."""
     factory = database.sessions()
     engine = factory.kw["bind"]
