@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
@@ -85,6 +86,13 @@ def change_id(kind: str, entity_id: str, webhook_id: str) -> str:
 
 
 _INSERT_CHANGE = insert(CHANGES).returning(CHANGES.c.seq)
+Run = Callable[[Session, Any, dict[str, Any]], Any]
+
+
+def _run(session: Session, statement: Any, params: dict[str, Any]) -> Any:
+    return session.connection().execute(statement, params)
+
+
 _FEED_LOCK = text(f"SELECT pg_advisory_xact_lock({FEED_LOCK})")
 
 
@@ -97,19 +105,23 @@ def record_change(
     before: dict[str, Any] | None,
     after: dict[str, Any],
     cause: Cause,
+    run: Run | None = None,
 ) -> RecordedChange | None:
     """Write one change in the caller's transaction if the representation changed.
 
     Call it last in the transaction, after every other write: the feed lock it takes is
-    held until the commit (see the module's docstring).
+    held until the commit (see the module's docstring). `run` executes a statement in the
+    session (the workers pass their prebuilt-statement executor); by default
+    `session.connection().execute`.
     """
     if before == after:
         return None
-    conn = session.connection()
-    if conn.dialect.name == "postgresql":
-        conn.execute(_FEED_LOCK)
+    execute = run or _run
+    if session.get_bind().dialect.name == "postgresql":
+        execute(session, _FEED_LOCK, {})
     identity = change_id(kind, entity_id, cause.webhook_id)
-    seq = conn.execute(
+    seq = execute(
+        session,
         _INSERT_CHANGE,
         {
             "id": identity,

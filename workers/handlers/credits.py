@@ -98,6 +98,7 @@ def _save(
         before=None if balance["_new"] else balance_view(balance),
         after=after,
         cause=Cause(delivery.webhook_id, event.type, delivery.event_at),
+        run=execute,
     )
 
 

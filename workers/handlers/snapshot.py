@@ -111,6 +111,7 @@ def apply_snapshot(
             before=before,
             after=after,
             cause=Cause(delivery.webhook_id, event.type, delivery.event_at),
+            run=execute,
         )
         return Outcome.APPLIED
     # Left alone: a later event holds the row, or this very delivery does (a replay).
