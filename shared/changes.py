@@ -14,6 +14,10 @@ committed one, so the committed changes always form a prefix of the seq order. T
 taken at the very end of the apply transaction (after every row lock it needs), so the
 commits it serialises are short and it cannot take part in a deadlock. SQLite (dev mode)
 has a single writer, which gives the same.
+
+The price: a worker frozen (SIGSTOP, a paused VM) inside that short window holds every
+other change-writing commit until PostgreSQL ends its idle transaction
+(`idle_in_transaction_session_timeout`, half of LEASE_SECONDS, workers/engine.py).
 """
 
 from __future__ import annotations
