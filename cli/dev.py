@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from cli.errors import CommandError
-from shared.settings import parse_secrets
+from shared.settings import parse_secrets, parse_urls
 
 # The settings file `dodo-webhooks dev` writes and `send-test` reads back.
 DEV_ENV_FILE = "dev.env"
@@ -62,6 +62,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dev.add_argument(
         "--verbose", "-v", action="store_true", help="print every line the children log"
     )
+    dev.add_argument(
+        "--forward-to",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST every change of the read model to this local app, signed as Standard "
+        "Webhooks (like `stripe listen --forward-to`); repeat for several",
+    )
     dev.set_defaults(run=cmd_dev)
 
 
@@ -74,6 +82,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             broker_port=args.broker_port,
             concurrency=args.concurrency,
             verbose=args.verbose,
+            forward_to=tuple(args.forward_to),
         )
     except DevError as exc:
         raise CommandError(str(exc)) from None
@@ -115,6 +124,9 @@ class DevSettings:
     token_from_env: bool = False
     # The console's one-click sign-in for this run: a new one-time token at each start.
     console_login: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # `--forward-to`: where the changes go, and the secret they are signed with.
+    forward_to: tuple[str, ...] = ()
+    outbound_secret: str = ""
 
     @property
     def database_url(self) -> str:
@@ -133,13 +145,17 @@ class DevSettings:
         return f"{self.base_url}/webhooks/dodo"
 
     def child_env(self) -> dict[str, str]:
-        return {
+        env = {
             "DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis_url,
             "DODO_PAYMENTS_WEBHOOK_KEY": self.webhook_key,
             "ADMIN_TOKEN": self.admin_token,
             "CONSOLE_LOGIN_TOKEN": self.console_login,
         }
+        if self.forward_to:
+            env["OUTBOUND_WEBHOOK_URL"] = " ".join(self.forward_to)
+            env["OUTBOUND_WEBHOOK_SECRET"] = self.outbound_secret
+        return env
 
     def write(self) -> Path:
         path = self.data_dir / DEV_ENV_FILE
@@ -158,6 +174,9 @@ class DevSettings:
             lines.append("# DODO_PAYMENTS_WEBHOOK_KEY came from the environment; not stored.")
         else:
             lines.append(f"DODO_PAYMENTS_WEBHOOK_KEY={self.webhook_key}")
+        if self.outbound_secret:
+            lines.append("# The secret `--forward-to` signs the changes with (your app verifies).")
+            lines.append(f"OUTBOUND_WEBHOOK_SECRET={self.outbound_secret}")
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)
         return path
@@ -168,7 +187,9 @@ class DevSettings:
         return given + ([self.admin_token] if self.token_from_env else [])
 
 
-def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
+def dev_settings(
+    data_dir: Path, port: int, broker_port: int, forward_to: tuple[str, ...] = ()
+) -> DevSettings:
     """The secret and token: from the environment if set, else the ones kept in the data dir."""
     kept = read_env_file(data_dir / DEV_ENV_FILE)
     given_key = os.environ.get("DODO_PAYMENTS_WEBHOOK_KEY", "").strip()
@@ -180,6 +201,18 @@ def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
     webhook_key = given_key or kept.get("DODO_PAYMENTS_WEBHOOK_KEY") or new_secret()
     given_token = os.environ.get("ADMIN_TOKEN", "").strip()
     admin_token = given_token or kept.get("ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    outbound_secret = ""
+    if forward_to:
+        try:
+            parse_urls(list(forward_to))
+        except ValueError as exc:
+            raise DevError(f"--forward-to: {exc}") from None
+        given_out = os.environ.get("OUTBOUND_WEBHOOK_SECRET", "").strip()
+        try:
+            parse_secrets(given_out)
+        except ValueError as exc:
+            raise DevError(f"OUTBOUND_WEBHOOK_SECRET: {exc}") from None
+        outbound_secret = given_out or kept.get("OUTBOUND_WEBHOOK_SECRET") or new_secret()
     return DevSettings(
         data_dir=data_dir,
         port=port,
@@ -188,6 +221,8 @@ def dev_settings(data_dir: Path, port: int, broker_port: int) -> DevSettings:
         admin_token=admin_token,
         secret_from_env=bool(given_key),
         token_from_env=bool(given_token),
+        forward_to=forward_to,
+        outbound_secret=outbound_secret,
     )
 
 
@@ -558,6 +593,14 @@ def banner(settings: DevSettings, env_file: Path, concurrency: int) -> str:
             f"  database      {settings.database_url}",
             f"  broker        {settings.redis_url}  (fakeredis, in memory)",
             f"  logs          {data_dir / 'logs'}/",
+            *(
+                [
+                    f"  forwarding    changes to {', '.join(settings.forward_to)}",
+                    f"  signed with   {settings.outbound_secret}",
+                ]
+                if settings.forward_to
+                else []
+            ),
             "",
             "Send a signed test event from another terminal:",
             f"  {send}",
@@ -580,6 +623,7 @@ def run_dev(
     concurrency: int,
     verbose: bool,
     out: TextIO = sys.stdout,
+    forward_to: tuple[str, ...] = (),
 ) -> int:
     data_dir = data_dir.expanduser().resolve()
     if sqlite3.sqlite_version_info < (3, 35):
@@ -593,7 +637,11 @@ def run_dev(
     console = Console(out, verbose)
 
     broker = EmbeddedBroker(broker_port)
-    settings = dev_settings(data_dir, port, broker.port)
+    try:
+        settings = dev_settings(data_dir, port, broker.port, forward_to)
+    except DevError:
+        broker.stop()
+        raise
     env_file = settings.write()
     console.say(f"dev: migrating {settings.database_url}")
     try:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cli import db, dev, dlq, lifecycle, reconcile, sendtest
+from cli import changes, db, dev, dlq, lifecycle, reconcile, sendtest
 from cli.errors import CommandError
 from shared.settings import ConfigError
 
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-hosted processor for Dodo Payments webhooks.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (db, dev, sendtest, dlq, reconcile, lifecycle):
+    for module in (db, dev, sendtest, dlq, changes, reconcile, lifecycle):
         module.register(commands)
     return parser
 

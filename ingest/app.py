@@ -10,7 +10,7 @@ from flask import Flask, Response, jsonify, request
 from sqlalchemy import Engine, text
 from werkzeug.exceptions import HTTPException
 
-from ingest import api, health, records, webhooks
+from ingest import api, changes, health, records, webhooks
 from ingest.console import init_console
 from ingest.metrics import ingest_metrics
 from ingest.publisher import QueueSignal
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, *, check_connections: bool = Tr
         redis=redis_client,
     )
 
-    for blueprint in (webhooks.bp, health.bp, api.bp, records.bp):
+    for blueprint in (webhooks.bp, health.bp, api.bp, records.bp, changes.bp):
         app.register_blueprint(blueprint)
     init_console(app, settings)
     app.register_error_handler(HTTPException, _http_error)

@@ -8,13 +8,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select, text
+from sqlalchemy.orm import Session
 
+from shared.changes import outbound_summary
 from shared.db import utcnow
 from shared.lifecycle import PURGED_BYTES, PURGED_EVENTS
 from shared.models import (
@@ -82,7 +85,7 @@ class EventStoreCollector(Collector):
         )
         started = time.monotonic()
         try:
-            groups, oldest = self._query()
+            groups, oldest, outbound = self._query()
             lifecycle = self._lifecycle()
         except Exception:
             up.add_metric([], 0)
@@ -145,10 +148,13 @@ class EventStoreCollector(Collector):
             value=age,
         )
         yield from lifecycle_series(*lifecycle)
+        yield from outbound_series(outbound)
 
     def _query(
         self,
-    ) -> tuple[list[tuple[str, str | None, str | None, int, int]], datetime | None]:
+    ) -> tuple[
+        list[tuple[str, str | None, str | None, int, int]], datetime | None, list[dict[str, Any]]
+    ]:
         ev = WebhookEvent
         grouped = select(
             ev.status,
@@ -163,7 +169,9 @@ class EventStoreCollector(Collector):
                 conn.execute(text(f"SET LOCAL statement_timeout = {DB_QUERY_TIMEOUT_MS}"))
             rows = [tuple(row) for row in conn.execute(grouped)]
             first = conn.execute(oldest).scalar()
-        return rows, first
+            with Session(bind=conn) as session:
+                outbound = outbound_summary(session)
+        return rows, first, outbound
 
     def _lifecycle(self) -> tuple[dict[str, int], datetime | None, int]:
         ev = WebhookEvent
@@ -265,6 +273,39 @@ class ReconcileCollector(Collector):
             "Requests the latest reconciliation sent to Dodo's API",
             value=run.api_calls,
         )
+
+
+def outbound_series(
+    summary: list[dict[str, Any]],
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The change feed's outbound deliveries, by URL."""
+    pending = GaugeMetricFamily(
+        "dodo_webhooks_outbound_pending", "Outbound deliveries not yet sent or dead", labels=["url"]
+    )
+    oldest = GaugeMetricFamily(
+        "dodo_webhooks_outbound_oldest_pending_age_seconds",
+        "Age of the oldest pending outbound delivery; 0 when none",
+        labels=["url"],
+    )
+    delivered = CounterMetricFamily(
+        "dodo_webhooks_outbound_delivered", "Outbound deliveries answered 2xx", labels=["url"]
+    )
+    failed = CounterMetricFamily(
+        "dodo_webhooks_outbound_failed",
+        "Outbound POSTs that failed (no answer, or not 2xx)",
+        labels=["url"],
+    )
+    dead = GaugeMetricFamily(
+        "dodo_webhooks_outbound_dead", "Outbound deliveries dead now", labels=["url"]
+    )
+    for entry in summary:
+        url = [entry["url"]]
+        pending.add_metric(url, entry["pending"])
+        oldest.add_metric(url, entry["oldest_pending_age"])
+        delivered.add_metric(url, entry["delivered"])
+        failed.add_metric(url, entry["failed"])
+        dead.add_metric(url, entry["dead"])
+    yield from (pending, oldest, delivered, failed, dead)
 
 
 def process_registry() -> CollectorRegistry:

@@ -111,6 +111,8 @@ IGNORED: Final[tuple[str, ...]] = (
 OTHER_QUEUE: Final = "other"
 # Re-drive and other housekeeping, so a backlog of events never delays them.
 MAINTENANCE_QUEUE: Final = "maintenance"
+# The change feed's outbound deliveries: a slow merchant endpoint never queues ahead of events.
+OUTBOUND_QUEUE: Final = "outbound"
 
 KIND_OF: Final[dict[str, str]] = {t: name for name, kind in KINDS.items() for t in kind.types}
 FAMILY_OF: Final[dict[str, str]] = {t: KINDS[name].family for t, name in KIND_OF.items()}

@@ -32,11 +32,14 @@ from shared.db import dialect_insert, transaction, utcnow
 from shared.models import (
     PURGEABLE,
     Base,
+    Change,
     CreditEntry,
     CustomerErasure,
     Dispute,
     LicenseKey,
     LifecycleCounter,
+    OutboundAttempt,
+    OutboundDelivery,
     Payment,
     Refund,
     Subscription,
@@ -407,10 +410,20 @@ def _in(column: Any, values: set[str]) -> ColumnElement[bool]:
     return cast(ColumnElement[bool], column.in_(sorted(values))) if values else false()
 
 
-# The read model's tables with personal data. `webhook_events` (raw bodies and headers) is
-# erased by `_erase_events`. Not listed, as they hold none: `credit_balances` (amounts and
-# ids) and the histories (`dispute_history`, `subscription_history`: statuses, stages,
-# product and quantity).
+def _changes_of(scope: Scope) -> ColumnElement[bool]:
+    """The customer's changes: theirs by id, their payments', and those their events caused
+    (a refund's or a dispute's record carries no customer id)."""
+    return or_(
+        Change.customer_id == scope.customer_id,
+        _in(Change.entity_id, scope.payment_ids),
+        _in(Change.cause_webhook_id, scope.webhook_ids),
+    )
+
+
+# The read model's and the change feed's tables with personal data. `webhook_events` (raw
+# bodies and headers) is erased by `_erase_events`. Not listed, as they hold none:
+# `credit_balances` (amounts and ids) and the histories (`dispute_history`,
+# `subscription_history`: statuses, stages, product and quantity).
 PERSONAL_TABLES: tuple[PersonalTable, ...] = (
     PersonalTable(Payment, ("data",), lambda s: Payment.customer_id == s.customer_id),
     PersonalTable(Refund, ("data",), lambda s: _in(Refund.payment_id, s.payment_ids)),
@@ -418,6 +431,19 @@ PERSONAL_TABLES: tuple[PersonalTable, ...] = (
     PersonalTable(Subscription, ("data",), lambda s: Subscription.customer_id == s.customer_id),
     PersonalTable(LicenseKey, ("data",), lambda s: LicenseKey.customer_id == s.customer_id),
     PersonalTable(CreditEntry, ("data",), lambda s: CreditEntry.customer_id == s.customer_id),
+    # The change feed: a change's `before` and `after` are records' representations.
+    PersonalTable(Change, ("before", "after"), lambda s: _changes_of(s)),
+    # What a merchant endpoint answered may echo the change it was sent.
+    PersonalTable(
+        OutboundAttempt,
+        (),
+        lambda s: OutboundAttempt.delivery_id.in_(
+            select(OutboundDelivery.id).where(
+                OutboundDelivery.change_id.in_(select(Change.id).where(_changes_of(s)))
+            )
+        ),
+        text_columns=("response_head", "error"),
+    ),
 )
 
 
@@ -597,6 +623,8 @@ def _collect_strings(factory: sessionmaker[Session], scope: Scope) -> set[str]:
                 strings |= personal_strings(load_body(body))
         for table in PERSONAL_TABLES:
             columns = [getattr(table.model, c) for c in table.json_columns]
+            if not columns:
+                continue  # text only: scrubbed of the strings the JSON columns give
             for row in session.execute(select(*columns).where(table.rows(scope))):
                 for value in row:
                     strings |= personal_strings(value)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     inspect,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column
@@ -485,3 +486,93 @@ class CustomerErasure(Base):
             "requested_by": self.requested_by,
             "counts": self.counts,
         }
+
+
+# The change feed (DESIGN.md "Change feed"): what changed in the read model, and its delivery.
+
+# SQLite makes only an INTEGER primary key autoincrement; both hold 64 bits.
+SEQ = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class Change(Base):
+    """One change of a record's API representation, written with the read-model write."""
+
+    __tablename__ = "changes"
+
+    seq: Mapped[int] = mapped_column(SEQ, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str] = mapped_column(String(600))
+    customer_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    changed: Mapped[list[str]] = mapped_column(JSON)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cause_webhook_id: Mapped[str] = mapped_column(String(255))
+    cause_type: Mapped[str] = mapped_column(String(255))
+    cause_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_changes_entity_seq", "kind", "entity_id", "seq"),)
+
+
+class OutboundDelivery(Base):
+    """One change to one `OUTBOUND_WEBHOOK_URL`: sent in order per URL and entity."""
+
+    __tablename__ = "outbound_deliveries"
+
+    id: Mapped[int] = mapped_column(SEQ, primary_key=True, autoincrement=True)
+    change_seq: Mapped[int] = mapped_column(BigInteger)
+    change_id: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    kind: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str] = mapped_column(String(600))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Held by the attempt in flight; a worker killed mid-POST leaves it to run out.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_outbound_deliveries_url_entity", "url", "kind", "entity_id", "change_seq"),
+        Index("ix_outbound_deliveries_status_next", "status", "next_attempt_at"),
+        # The claim's "is this URL failing, is a POST to it in flight" look only at these
+        # few rows; without them each claim read every pending delivery of its URL.
+        Index(
+            "ix_outbound_deliveries_failing",
+            "url",
+            postgresql_where=text("status = 'pending' AND last_error IS NOT NULL"),
+            sqlite_where=text("status = 'pending' AND last_error IS NOT NULL"),
+        ),
+        Index(
+            "ix_outbound_deliveries_in_flight",
+            "url",
+            "lease_until",
+            postgresql_where=text("status = 'pending' AND lease_until IS NOT NULL"),
+            sqlite_where=text("status = 'pending' AND lease_until IS NOT NULL"),
+        ),
+    )
+
+
+class OutboundAttempt(Base):
+    """One POST of a delivery: its answer's status and first bytes, or its error."""
+
+    __tablename__ = "outbound_attempts"
+
+    id: Mapped[int] = mapped_column(SEQ, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    duration_ms: Mapped[float] = mapped_column(Numeric(asdecimal=False))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_head: Mapped[str | None] = mapped_column(Text)

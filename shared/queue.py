@@ -11,13 +11,15 @@ from kombu.transport import redis as kombu_redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.catalog import EVENT_QUEUES, MAINTENANCE_QUEUE, queue_for
+from shared.catalog import EVENT_QUEUES, MAINTENANCE_QUEUE, OUTBOUND_QUEUE, queue_for
 from shared.settings import Settings
 
 PROCESS_EVENT: Final = "workers.process_event"
 REDRIVE: Final = "workers.redrive"
 RECONCILE: Final = "workers.reconcile"
 PURGE: Final = "workers.purge"
+DELIVER_CHANGE: Final = "workers.deliver_change"
+REDRIVE_DELIVERIES: Final = "workers.redrive_deliveries"
 
 
 class _QoS(kombu_redis.QoS):
@@ -82,12 +84,14 @@ def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
             "retry_on_timeout": True,
         },
         broker_heartbeat=0,
-        task_queues=[Queue(q) for q in (*EVENT_QUEUES, MAINTENANCE_QUEUE)],  # type: ignore[no-untyped-call]
+        task_queues=[Queue(q) for q in (*EVENT_QUEUES, MAINTENANCE_QUEUE, OUTBOUND_QUEUE)],  # type: ignore[no-untyped-call]
         task_default_queue=MAINTENANCE_QUEUE,
         task_routes={
             REDRIVE: {"queue": MAINTENANCE_QUEUE},
             RECONCILE: {"queue": MAINTENANCE_QUEUE},
             PURGE: {"queue": MAINTENANCE_QUEUE},
+            REDRIVE_DELIVERIES: {"queue": MAINTENANCE_QUEUE},
+            DELIVER_CHANGE: {"queue": OUTBOUND_QUEUE},
         },
         beat_schedule_filename=settings.beat_schedule_file,
         worker_send_task_events=True,
@@ -101,3 +105,9 @@ def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
 def enqueue(app: Celery, webhook_id: str, event_type: str | None, *, retry: bool = True) -> None:
     """Send the work signal; the event itself is already durable in the database."""
     app.send_task(PROCESS_EVENT, args=[webhook_id], queue=queue_for(event_type), retry=retry)
+
+
+def enqueue_deliveries(app: Celery, delivery_ids: list[int], *, retry: bool = True) -> None:
+    """Signal outbound deliveries; each is durable in the database already."""
+    for delivery_id in delivery_ids:
+        app.send_task(DELIVER_CHANGE, args=[delivery_id], queue=OUTBOUND_QUEUE, retry=retry)

@@ -35,6 +35,18 @@ def parse_secrets(value: str | list[str] | None) -> list[str]:
     return secrets
 
 
+def parse_urls(value: str | list[str] | None) -> list[str]:
+    """Split `http://a/x http://b/y`; each must be an absolute http(s) URL."""
+    if value is None:
+        return []
+    parts = value if isinstance(value, list) else re.split(r"\s+", value)
+    urls = [part.strip() for part in parts if part.strip()]
+    for position, url in enumerate(urls, start=1):
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"URL #{position} is not an absolute http(s) URL: {url[:80]!r}")
+    return list(dict.fromkeys(urls))
+
+
 def _secret_problem(secret: str) -> str | None:
     # The library decodes leniently (it drops characters that are not base64), so a typo
     # would silently become another key: check strictly here, once, at start.
@@ -109,6 +121,32 @@ class Settings(BaseSettings):
     purge_run_seconds: float = Field(default=60.0, gt=0)
     # A pause after each batch, so a long purge leaves the database to the ingest.
     purge_pause_seconds: float = Field(default=0.25, ge=0, le=60)
+    # The change feed's push (DESIGN.md "Change feed").
+    outbound_webhook_url: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    outbound_webhook_secret: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    outbound_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    outbound_max_attempts: int = Field(default=12, ge=1, le=100)
+    outbound_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    outbound_backoff_max_seconds: int = Field(default=600, ge=1)
+
+    @field_validator("outbound_webhook_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: str | list[str] | None) -> list[str]:
+        return parse_urls(value)
+
+    @field_validator("outbound_webhook_secret", mode="before")
+    @classmethod
+    def _split_outbound_secrets(cls, value: str | list[str] | None) -> list[str]:
+        return parse_secrets(value)
+
+    def require_outbound_secret(self) -> str:
+        """The secret outbound changes are signed with: the first one given."""
+        if not self.outbound_webhook_secret:
+            raise ConfigError(
+                "OUTBOUND_WEBHOOK_SECRET is not set: OUTBOUND_WEBHOOK_URL needs a whsec_… "
+                "secret to sign the changes with"
+            )
+        return self.outbound_webhook_secret[0]
 
     @field_validator("dodo_payments_webhook_key", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from tests.support import (
     ADMIN_TOKEN,
     OLD_SECRET,
     SECRET,
+    Receiver,
     free_port,
     service_env,
     throwaway_database,
@@ -124,3 +125,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if reporter:
             reporter.write_line(f"CI: {skipped} test(s) skipped; failing the run", red=True)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    own = Receiver(tmp_path)
+    own.start()
+    yield own
+    own.stop()

@@ -244,3 +244,40 @@ def body_of_length(length: int, *, payment_id: str = "pay_size") -> str:
         "payment.succeeded", {"payment_id": payment_id, "pad": ""}, timestamp="2026-01-01T00:00:00Z"
     )
     return bare.replace('"pad": ""', '"pad": "' + "x" * (length - len(bare)) + '"')
+
+
+OUT_SECRET = "whsec_c2VjcmV0LWZvci10aGUtbWVyY2hhbnRzLWFwcA=="
+
+
+class Receiver:
+    """`tests/receiver.py` on a port of its own; stopped and started again on the same one."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hooks"
+        self.log_dir = log_dir
+        self.log = log_dir / "received.jsonl"
+        self.log.touch()
+        self.proc: ManagedProcess | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.proc = ManagedProcess(
+            f"receiver-{self.starts}",
+            [sys.executable, "-m", "tests.receiver", str(self.port), OUT_SECRET, str(self.log)],
+            {},
+            self.log_dir,
+        )
+        wait_until(lambda: self.set_mode("ok"), timeout=15, what="the receiver to listen")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def set_mode(self, mode: str) -> bool:
+        return requests.post(f"http://127.0.0.1:{self.port}/_mode", data=mode, timeout=2).ok
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]

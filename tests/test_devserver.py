@@ -25,7 +25,17 @@ from cli.dev import (
     readable,
 )
 from cli.main import OUTPUT_CLOSED
-from tests.support import OLD_SECRET, ROOT, SECRET, VENV_BIN, ManagedProcess, free_port, wait_until
+from tests.support import (
+    OLD_SECRET,
+    OUT_SECRET,
+    ROOT,
+    SECRET,
+    VENV_BIN,
+    ManagedProcess,
+    Receiver,
+    free_port,
+    wait_until,
+)
 
 DEV_ENV = {
     # The user's own settings must not leak into the dev server under test.
@@ -153,6 +163,49 @@ class TestDevCommand:
             assert not (tmp_path / "celerybeat-schedule").exists()
         finally:
             dev.stop(signal.SIGKILL)
+
+    def test_forward_to_sends_each_change_signed_to_the_local_app(
+        self, tmp_path: Path, receiver: Receiver
+    ) -> None:
+        """`dev --forward-to URL`, then `send-test`: the app gets the change, verified."""
+        data_dir = tmp_path / "data"
+        dev = start_dev(
+            "dev-forward",
+            free_port(),
+            data_dir,
+            tmp_path,
+            extra=["--forward-to", receiver.url],
+            env={"OUTBOUND_WEBHOOK_SECRET": OUT_SECRET},
+        )
+        try:
+            assert f"changes to {receiver.url}" in dev.output()
+            sent = subprocess.run(
+                [
+                    str(VENV_BIN / "dodo-webhooks"),
+                    "send-test",
+                    "subscription.active",
+                    "--set",
+                    "data.subscription_id=sub_forward",
+                    "--data-dir",
+                    str(data_dir),
+                ],
+                env={**os.environ, **DEV_ENV},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
+            assert sent.returncode == 0, sent.stderr
+            wait_until(
+                lambda: receiver.records(), timeout=60, what=f"a change; output:\n{dev.output()}"
+            )
+            [record] = receiver.records()
+            assert record["verified"]
+            assert record["body"]["type"] == "subscription.changed"
+            assert record["body"]["data"]["entity_id"] == "sub_forward"
+            assert record["body"]["data"]["after"]["status"] == "active"
+        finally:
+            dev.stop(signal.SIGINT, timeout=45)
 
     def test_children_stop_even_when_dev_itself_is_killed(self, tmp_path: Path) -> None:
         """SIGKILL gives `dev` no chance to clean up: the children must notice on their own."""

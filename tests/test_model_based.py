@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,16 @@ from tests.reference import (
     expected_state,
     family_of,
 )
-from tests.support import ADMIN_TOKEN, celery_worker, gunicorn, signed_headers, wait_until
+from tests.support import (
+    ADMIN_TOKEN,
+    OUT_SECRET,
+    Receiver,
+    celery_worker,
+    gunicorn,
+    signed_headers,
+    wait_until,
+)
+from tests.test_outbound import check_receiver_got_every_change_in_order, wait_drained
 from workers.handlers import ROUTES, Delivery
 from workers.schemas import parse_event
 
@@ -76,10 +86,76 @@ def api_differences(get: Get, expected: Expected) -> list[str]:
     return problems
 
 
-def apply_directly(engine: Engine, deliveries: list[Sent]) -> None:
-    """The worker's path without the queue: each webhook-id applied once, in arrival order."""
+def all_changes(get: Get) -> list[dict[str, Any]]:
+    """The whole feed, paged as a reader does with `after=next_after`."""
+    changes: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        status, page = get(f"/api/changes?after={after}&limit=1000")
+        assert status == 200, page
+        changes += page["changes"]
+        if not page["changes"]:
+            return changes
+        after = page["next_after"]
+
+
+def current_view(get: Get, kind: str, entity_id: str) -> Any:
+    """The record as the API returns it now, without `last_event` and `history`."""
+    if kind == "credit_balance":
+        customer, entitlement = entity_id.split(":", 1)
+        _, items = get(f"/api/customers/{customer}/credits")
+        return next(i for i in items if i["credit_entitlement_id"] == entitlement)
+    _, record = get(f"/api/{ROUTE[f'{kind}s']}/{entity_id}")
+    record.pop("last_event", None)
+    record.pop("history", None)
+    return record
+
+
+def feed_differences(get: Get, outcomes: dict[str, str | None]) -> list[str]:
+    """Per entity the feed is a chain ending in the API's record; no change from a
+    superseded event, none twice from one event."""
+    problems: list[str] = []
+    by_entity: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    changes = all_changes(get)
+    for change in changes:
+        by_entity.setdefault((change["kind"], change["entity_id"]), []).append(change)
+    seqs = [c["seq"] for c in changes]
+    if seqs != sorted(set(seqs)):
+        problems.append("feed: seqs not strictly increasing")
+    for (kind, entity_id), chain in by_entity.items():
+        where = f"feed {kind} {entity_id}"
+        if chain[0]["before"] is not None:
+            problems.append(f"{where}: first change has a before")
+        for previous, change in pairwise(chain):
+            if change["before"] != previous["after"]:
+                problems.append(f"{where}: seq {change['seq']} does not follow on")
+        for change in chain:
+            if change["before"] == change["after"] or not change["changed"]:
+                problems.append(f"{where}: seq {change['seq']} changes nothing")
+        causes = [c["cause"]["webhook_id"] for c in chain]
+        if len(causes) != len(set(causes)):
+            problems.append(f"{where}: one event caused two changes")
+        if chain[-1]["after"] != current_view(get, kind, entity_id):
+            problems.append(f"{where}: last after is not the API's record")
+    for change in changes:
+        cause = change["cause"]["webhook_id"]
+        if outcomes.get(cause) != "applied":
+            problems.append(f"feed: change caused by {cause}, {outcomes.get(cause)}")
+    return problems
+
+
+def event_outcomes(engine: Engine) -> dict[str, str | None]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(WebhookEvent.webhook_id, WebhookEvent.outcome)).all()
+    return {webhook_id: outcome for webhook_id, outcome in rows}
+
+
+def apply_directly(engine: Engine, deliveries: list[Sent]) -> dict[str, str | None]:
+    """The worker's path without the queue: each webhook-id applied once, in arrival order;
+    each one's outcome."""
     factory = make_sessionmaker(engine)
     seen: set[str] = set()
+    outcomes: dict[str, str | None] = {}
     for sent in deliveries:
         if sent.webhook_id in seen:
             continue  # the durable record's job: one delivery id, one application
@@ -89,7 +165,9 @@ def apply_directly(engine: Engine, deliveries: list[Sent]) -> None:
         if handler is None or event is None:
             continue
         with transaction(factory) as session:
-            handler(session, event, Delivery(sent.webhook_id, sent.webhook_ts, sent.timestamp))
+            delivery = Delivery(sent.webhook_id, sent.webhook_ts, sent.timestamp)
+            outcomes[sent.webhook_id] = str(handler(session, event, delivery))
+    return outcomes
 
 
 @pytest.fixture
@@ -107,13 +185,15 @@ class TestDirectHandlersAgainstReference:
         rng = random.Random(1000 + seed)
         world = generate(seed, target=200, now=int(time.time()))
         deliveries = with_duplicates(world.events, DUPLICATE_RATIO, rng)
-        apply_directly(clean_db, deliveries)
+        outcomes = apply_directly(clean_db, deliveries)
 
         def get(path: str) -> tuple[int, Any]:
             answer = client.get(path, headers=AUTH)
             return answer.status_code, answer.json
 
         problems = api_differences(get, expected_state(world.events))
+        assert problems == [], "\n".join(problems[:30])
+        problems = feed_differences(get, outcomes)
         assert problems == [], "\n".join(problems[:30])
 
 
@@ -128,9 +208,11 @@ def final_counts(engine: Engine) -> dict[str, int]:
 @pytest.mark.slow
 class TestPipelineAgainstReference:
     def test_events_through_ingest_redis_and_two_workers_end_in_the_reference_state(
-        self, env: dict[str, str], tmp_path: Path, clean_db: Engine
+        self, env: dict[str, str], tmp_path: Path, clean_db: Engine, receiver: Receiver
     ) -> None:
-        """≥1,000 events, 20% re-sent, shuffled, sent concurrently; the API must agree."""
+        """≥1,000 events, 20% re-sent, shuffled, sent concurrently; the API must agree, the
+        feed must chain per entity, and the receiver must get every change in order."""
+        env = {**env, "OUTBOUND_WEBHOOK_URL": receiver.url, "OUTBOUND_WEBHOOK_SECRET": OUT_SECRET}
         seed = int(os.environ.get("MODEL_SEED", "20260301"))
         rng = random.Random(seed)
         world = generate(seed, target=1000, now=int(time.time()))
@@ -180,6 +262,9 @@ class TestPipelineAgainstReference:
             expected = expected_state(world.events)
             problems = api_differences(get, expected)
             compared = time.monotonic()
+            problems += feed_differences(get, event_outcomes(clean_db))
+            wait_drained(clean_db, timeout=180)
+            delivered_at = time.monotonic()
             logs = [worker1.output(), worker2.output()]
 
         applied_by_worker = [log.count('"step": "processed"') for log in logs]
@@ -198,6 +283,7 @@ class TestPipelineAgainstReference:
             "send_seconds": round(sent_at - started, 2),
             "drain_seconds": round(drained_at - started, 2),
             "compare_seconds": round(compared - drained_at, 2),
+            "changes_delivered_seconds": round(delivered_at - started, 2),
             "entities_compared": sum(len(r) for r in expected.records.values())
             + len(expected.ledgers),
         }
@@ -205,6 +291,7 @@ class TestPipelineAgainstReference:
         (tmp_path / "figures.json").write_text(json.dumps(figures))
         assert problems == [], "\n".join(problems[:30])
         assert all(applied_by_worker), "both worker processes must have applied events"
+        check_receiver_got_every_change_in_order(clean_db, receiver)
 
 
 def dead_reasons(engine: Engine) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import redis
 
 from ingest.publisher import DirectPublisher, process_event_message
-from shared.queue import make_celery
+from shared.catalog import OUTBOUND_QUEUE
+from shared.queue import DELIVER_CHANGE, enqueue_deliveries, make_celery
 from shared.settings import Settings
 
 # Fields that differ on every message (fresh uuids) or with the sending process.
@@ -55,3 +57,23 @@ class TestDirectPublisher:
         assert DirectPublisher.supports("redis://:pw@redis:6379/0")
         assert DirectPublisher.supports("rediss://redis:6380/0")
         assert not DirectPublisher.supports("sentinel://host:26379")
+
+
+class TestOutboundQueue:
+    def test_deliveries_travel_on_their_own_queue_which_a_worker_consumes_by_default(
+        self, settings: Settings
+    ) -> None:
+        """A worker with no -Q consumes every declared queue, the outbound one included."""
+        app = make_celery(settings)
+        assert OUTBOUND_QUEUE in {q.name for q in app.conf.task_queues}
+        assert app.conf.task_routes[DELIVER_CHANGE] == {"queue": OUTBOUND_QUEUE}
+        enqueue_deliveries(app, [7, 8])
+        client = redis.Redis.from_url(settings.redis_url)
+        # LPUSHed, so the newest first; a message body is base64 JSON [args, kwargs, embed].
+        bodies = [
+            json.loads(base64.b64decode(json.loads(m)["body"]))
+            for m in client.lrange(OUTBOUND_QUEUE, 0, -1)
+        ]
+        assert [body[0] for body in bodies] == [[8], [7]]
+        client.close()
+        app.close()

@@ -37,3 +37,23 @@ class TestWebhookKey:
     def test_an_out_of_range_number_names_its_variable(self) -> None:
         with pytest.raises(ConfigError, match=r"^MAX_ATTEMPTS: "):
             load_settings(max_attempts=0, _env_file=None)
+
+
+class TestOutboundSettings:
+    def test_urls_split_on_spaces_and_secrets_on_commas(self) -> None:
+        settings = load_settings(
+            outbound_webhook_url="http://a.test/x  https://b.test:9/y",
+            outbound_webhook_secret=f"{SECRET},{OLD_SECRET}",
+            _env_file=None,
+        )
+        assert settings.outbound_webhook_url == ["http://a.test/x", "https://b.test:9/y"]
+        assert settings.require_outbound_secret() == SECRET
+
+    def test_a_url_that_is_not_http_is_one_line_naming_the_variable(self) -> None:
+        with pytest.raises(ConfigError, match=r"^OUTBOUND_WEBHOOK_URL: URL #2 is not"):
+            load_settings(outbound_webhook_url="http://a.test/x ftp://b", _env_file=None)
+
+    def test_urls_without_a_secret_are_refused_when_signing(self) -> None:
+        settings = load_settings(outbound_webhook_url="http://a.test/x", _env_file=None)
+        with pytest.raises(ConfigError, match=r"^OUTBOUND_WEBHOOK_SECRET is not set"):
+            settings.require_outbound_secret()

@@ -10,6 +10,8 @@ from shared.settings import ConfigError, get_settings
 
 try:
     settings = get_settings()
+    if settings.outbound_webhook_url:
+        settings.require_outbound_secret()
 except ConfigError as exc:
     # `celery -A workers` imports this module: one line, not a traceback.
     print(f"dodo-webhooks worker: {exc}", file=sys.stderr)

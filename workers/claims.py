@@ -14,6 +14,7 @@ from typing import Any, cast
 from sqlalchemy import Engine, String, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.changes import fan_out
 from shared.db import transaction, utcnow
 from shared.envelope import read_envelope_head
 from shared.lifecycle import customer_in_body, erase_on_apply
@@ -42,6 +43,8 @@ class LostClaim(Exception):
 EVENTS = cast(Table, WebhookEvent.__table__)
 ERASURES = cast(Table, CustomerErasure.__table__)
 PAYMENTS = cast(Table, Payment.__table__)
+# Where apply_event leaves the ids of the outbound deliveries it created, for the task.
+DELIVERIES_MADE = "dodo_webhooks.deliveries"
 
 # Statements built once (building them per task cost more CPU than running them), on the
 # table rather than the mapped class: plain Core, no ORM bookkeeping on the hot path.
@@ -150,7 +153,9 @@ def claim_event(
     )
 
 
-def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | None]:
+def apply_event(
+    session: Session, claim: Claim, outbound_urls: tuple[str, ...] = ()
+) -> tuple[EventStatus, Outcome | None]:
     """Mark the event final and run the routed handler, inside the caller's transaction.
 
     The final UPDATE comes first: fenced on this attempt, it is also what holds the event's
@@ -200,6 +205,9 @@ def apply_event(session: Session, claim: Claim) -> tuple[EventStatus, Outcome | 
     if erased_customer is not None:
         # An event that arrived after its customer's erasure, or applied meanwhile.
         erase_on_apply(session, claim.webhook_id, erased_customer)
+    # The change the handler recorded, one delivery per outbound URL: in this transaction,
+    # so a change is never without its deliveries.
+    session.info[DELIVERIES_MADE] = fan_out(session, outbound_urls)
     return status, outcome
 
 

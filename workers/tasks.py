@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import httpx
 from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy import or_, select, update
@@ -14,11 +18,28 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import lifecycle
 from shared.db import transaction, utcnow
 from shared.logs import get_logger, log_step
-from shared.models import EventStatus, WebhookEvent
-from shared.queue import PROCESS_EVENT, PURGE, RECONCILE, REDRIVE, enqueue
+from shared.models import DeliveryStatus, EventStatus, WebhookEvent
+from shared.queue import (
+    DELIVER_CHANGE,
+    PROCESS_EVENT,
+    PURGE,
+    RECONCILE,
+    REDRIVE,
+    REDRIVE_DELIVERIES,
+    enqueue,
+    enqueue_deliveries,
+)
 from shared.settings import ConfigError
+from workers import outbound
 from workers.app import app, settings
-from workers.claims import Claim, LostClaim, apply_event, claim_event, settle_failure
+from workers.claims import (
+    DELIVERIES_MADE,
+    Claim,
+    LostClaim,
+    apply_event,
+    claim_event,
+    settle_failure,
+)
 from workers.engine import ProcessDatabase
 from workers.retry import Failure, backoff_seconds, classify, describe
 
@@ -61,7 +82,8 @@ def process_event(self: Task, webhook_id: str, after_attempt: int | None = None)
     log_step(log, "processing", **fields)
     try:
         with transaction(factory) as session:
-            status, outcome = apply_event(session, claim)
+            status, outcome = apply_event(session, claim, OUTBOUND_URLS)
+            deliveries: list[int] = session.info.get(DELIVERIES_MADE, [])
     except LostClaim:
         return "skipped"
     except Exception as exc:
@@ -103,7 +125,21 @@ def process_event(self: Task, webhook_id: str, after_attempt: int | None = None)
             exc=exc,
         ) from None
     log_step(log, str(status), outcome=outcome, **fields)
+    signal_deliveries(deliveries)
     return str(status)
+
+
+def signal_deliveries(delivery_ids: list[int]) -> None:
+    """Queue the deliveries just committed; if Redis is away, beat re-drives them."""
+    if not delivery_ids:
+        return
+    try:
+        enqueue_deliveries(app, delivery_ids, retry=False)
+    except Exception as exc:
+        log.warning(
+            "could not queue outbound deliveries",
+            extra={"step": "outbound", "count": len(delivery_ids), "error": describe(exc)},
+        )
 
 
 def bury(
@@ -254,9 +290,141 @@ def purge() -> int:
     return result.events
 
 
+OUTBOUND_URLS = tuple(settings.outbound_webhook_url)
+
+
+class _Client:
+    """One HTTP client per process, made after the fork; redirects are never followed."""
+
+    def __init__(self) -> None:
+        self._held: tuple[int, httpx.Client] | None = None
+
+    def get(self) -> httpx.Client:
+        if self._held is None or self._held[0] != os.getpid():
+            client = httpx.Client(follow_redirects=False, trust_env=False)
+            self._held = (os.getpid(), client)
+        return self._held[1]
+
+
+http = _Client()
+
+
+# POSTs in flight per worker process. They run beside the process's tasks, so a receiver
+# that is slow or times out holds threads, not the pool processes that apply events.
+OUTBOUND_THREADS = 4
+
+
+class _Senders:
+    """One small thread pool per process, made after the fork."""
+
+    def __init__(self) -> None:
+        self._held: tuple[int, ThreadPoolExecutor] | None = None
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._held is None or self._held[0] != os.getpid():
+            pool = ThreadPoolExecutor(OUTBOUND_THREADS, thread_name_prefix="outbound")
+            self._held = (os.getpid(), pool)
+        return self._held[1]
+
+
+senders = _Senders()
+
+
+@app.task(name=DELIVER_CHANGE, ignore_result=True, acks_late=True)
+def deliver_change(delivery_id: int) -> str:
+    """Hand the delivery to this process's senders and return at once.
+
+    If the process dies first, the delivery is still pending in the database, unclaimed,
+    and beat re-drives it.
+    """
+    senders.get().submit(_deliver_logged, delivery_id)
+    return "submitted"
+
+
+def _deliver_logged(delivery_id: int) -> None:
+    try:
+        run_delivery(delivery_id)
+    except Exception as exc:
+        # Pending in the database (claimed or not): the lease runs out and beat re-drives it.
+        log.warning(
+            "outbound delivery failed",
+            extra={"step": "outbound", "delivery_id": delivery_id, "error": describe(exc)},
+        )
+
+
+def run_delivery(delivery_id: int) -> str:
+    """POST one change to one URL, in its entity's order; retry with backoff, then dead."""
+    factory = database.sessions()
+    engine = factory.kw["bind"]
+    lease = settings.outbound_timeout_seconds + outbound.LEASE_SLACK_SECONDS
+    claimed = outbound.claim_delivery(engine, delivery_id, lease)
+    if claimed is None:
+        return "skipped"  # done, not due, held by another attempt, or behind an earlier one
+    fields = {"delivery_id": delivery_id, "attempt": claimed.attempt}
+    if claimed.attempt > settings.outbound_max_attempts:
+        outbound.give_up(
+            factory, claimed, f"gave up after {settings.outbound_max_attempts} attempts"
+        )
+        log_step(log, "outbound dead", level=logging.WARNING, **fields)
+        signal_deliveries([n] if (n := outbound.next_in_line(factory, claimed)) else [])
+        return "dead"
+    change = outbound.load_change(factory, claimed.change_seq)
+    if change is None:
+        outbound.give_up(factory, claimed, "the change is gone")
+        return "dead"
+    started_at = utcnow()
+    answer = outbound.post_change(
+        http.get(),
+        claimed.url,
+        settings.require_outbound_secret(),
+        change,
+        settings.outbound_timeout_seconds,
+    )
+    verdict = outbound.settle(factory, claimed, answer, started_at, settings)
+    if verdict is None:
+        return "skipped"
+    log.info(
+        "outbound attempt",
+        extra={
+            "step": "outbound",
+            "status": str(verdict.status),
+            "status_code": answer.status_code,
+            **fields,
+        },
+    )
+    if verdict.countdown is not None:
+        # If Redis is away the delivery stays pending in the database: beat re-drives it.
+        with contextlib.suppress(Exception):
+            deliver_change.apply_async(args=[delivery_id], countdown=verdict.countdown, retry=False)
+        return "retrying"
+    following = outbound.next_in_line(factory, claimed)
+    signal_deliveries([following] if following else [])
+    if verdict.status == DeliveryStatus.DELIVERED and claimed.attempt > 1:
+        # The URL answers again: what its failure held back goes now, not at beat's next look.
+        signal_deliveries(outbound.due(factory, older_than=utcnow(), url=claimed.url, limit=200))
+    return str(verdict.status)
+
+
+@app.task(name=REDRIVE_DELIVERIES, ignore_result=True)
+def redrive_deliveries() -> int:
+    """Queue again pending deliveries that stopped moving (a lost message, a killed worker)."""
+    if not OUTBOUND_URLS and not settings.outbound_webhook_secret:
+        return 0
+    stale = utcnow() - timedelta(seconds=settings.redrive_after_seconds)
+    ids = outbound.due(database.sessions(), older_than=stale)
+    signal_deliveries(ids)
+    if ids:
+        log.info("re-drove deliveries", extra={"step": "redrive", "count": len(ids)})
+    return len(ids)
+
+
 app.conf.beat_schedule = {
     "redrive-stuck-events": {"task": REDRIVE, "schedule": settings.redrive_interval_seconds},
     "purge-old-bodies": {"task": PURGE, "schedule": settings.purge_interval_seconds},
+    "redrive-outbound-deliveries": {
+        "task": REDRIVE_DELIVERIES,
+        "schedule": settings.redrive_interval_seconds,
+    },
 }
 if settings.reconcile_interval_seconds > 0:
     app.conf.beat_schedule["reconcile-with-dodo"] = {

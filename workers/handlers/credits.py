@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from shared.changes import Cause, record_change
 from shared.db import insert_once, utcnow
 from shared.ledger import ChainLink, order_chain
 from shared.models import CreditBalance, CreditEntry, Outcome
@@ -37,8 +39,10 @@ _LEDGER = select(
     ENTRIES.c.overage_after,
 ).where(*(ENTRIES.c[name] == bindparam(name) for name in ACCOUNT))
 # The SET clause is the columns given at execution; the key goes by these names.
-_UPDATE = update(BALANCES).where(
-    *(BALANCES.c[name] == bindparam(f"key_{name}") for name in ACCOUNT)
+_UPDATE = (
+    update(BALANCES)
+    .where(*(BALANCES.c[name] == bindparam(f"key_{name}") for name in ACCOUNT))
+    .returning(*BALANCES.c)
 )
 
 
@@ -50,20 +54,52 @@ def _locked_balance(session: Session, customer_id: str, entitlement_id: str) -> 
     """The account's balance row, created if new, locked until the transaction ends.
 
     Every writer to an account takes this lock first, so two workers adding entries to one
-    account at the same moment apply them one after the other and neither is lost.
+    account at the same moment apply them one after the other and neither is lost. The
+    row carries `_new` when this transaction created it (the change feed's `before` is null).
     """
     key = {"customer_id": customer_id, "credit_entitlement_id": entitlement_id}
     row = execute(session, _LOCK, key).mappings().first()
+    new = False
     if row is None:
-        new = {**key, "chain_ok": True, "entry_count": 0, "updated_at": utcnow()}
-        execute(session, insert_once(_dialect(session), BALANCES, ACCOUNT), new)
+        fresh = {**key, "chain_ok": True, "entry_count": 0, "updated_at": utcnow()}
+        insert = insert_once(_dialect(session), BALANCES, ACCOUNT, ("customer_id",))
+        new = execute(session, insert, fresh).first() is not None
         row = execute(session, _LOCK, key).mappings().one()
-    return dict(row)
+    return {**row, "_new": new}
 
 
-def _save(session: Session, balance: dict[str, Any], changes: dict[str, Any]) -> None:
+def balance_view(row: Any) -> dict[str, Any]:
+    """The account as the `/credits` item shows it, from a row as the driver returned it."""
+    values = {}
+    for column in BALANCES.columns:
+        value = row[column.name]
+        if isinstance(value, datetime):
+            value = value.astimezone(UTC)
+        values[column.key] = value
+    return CreditBalance(**values).representation()
+
+
+def _save(
+    session: Session,
+    balance: dict[str, Any],
+    changes: dict[str, Any],
+    event: CreditLedgerEvent | CreditBalanceLowEvent,
+    delivery: Delivery,
+) -> None:
+    """Write the account's new state, and the change of its representation if any."""
     key = {f"key_{name}": balance[name] for name in ACCOUNT}
-    execute(session, _UPDATE, {**changes, "updated_at": utcnow(), **key})
+    written = execute(session, _UPDATE, {**changes, "updated_at": utcnow(), **key})
+    after = balance_view(written.mappings().one())
+    record_change(
+        session,
+        kind="credit_balance",
+        entity_id=f"{balance['customer_id']}:{balance['credit_entitlement_id']}",
+        customer_id=balance["customer_id"],
+        before=None if balance["_new"] else balance_view(balance),
+        after=after,
+        cause=Cause(delivery.webhook_id, event.type, delivery.event_at),
+        run=execute,
+    )
 
 
 def recompute_balance(session: Session, customer_id: str, entitlement_id: str) -> dict[str, Any]:
@@ -114,7 +150,7 @@ def apply_credit_entry(session: Session, event: CreditLedgerEvent, delivery: Del
     else:
         # Older than the newest, tied with it, or the first: the order may change anywhere.
         changes = recompute_balance(session, entry.customer_id, entry.credit_entitlement_id)
-    _save(session, balance, changes)
+    _save(session, balance, changes, event, delivery)
     return Outcome.APPLIED
 
 
@@ -140,5 +176,5 @@ def apply_balance_low(
         "alert_webhook_ts": delivery.webhook_ts,
         "alert_webhook_id": delivery.webhook_id,
     }
-    _save(session, balance, changes)
+    _save(session, balance, changes, event, delivery)
     return Outcome.APPLIED

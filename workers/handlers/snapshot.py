@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, inspect, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    bindparam,
+    inspect,
+    literal_column,
+    select,
+    tuple_,
+)
 from sqlalchemy.orm import Session
 
+from shared.changes import Cause, record_change
 from shared.db import dialect_insert, insert_once, utcnow
-from shared.models import HistoryMixin, Outcome, SnapshotMixin
+from shared.models import (
+    Change,
+    Dispute,
+    HistoryMixin,
+    LicenseKey,
+    Outcome,
+    Payment,
+    Refund,
+    SnapshotMixin,
+    Subscription,
+)
 from workers.handlers.base import Delivery
 from workers.schemas import (
     DisputeEvent,
@@ -24,6 +44,14 @@ Row = TypeVar("Row", bound=SnapshotMixin)
 
 ORDER_COLUMNS = ("last_event_at", "last_webhook_ts", "last_webhook_id")
 SnapshotEvent = PaymentEvent | RefundEvent | DisputeEvent | SubscriptionEvent | LicenseKeyEvent
+# Each snapshot record's kind in the change feed.
+CHANGE_KINDS: dict[type[SnapshotMixin], str] = {
+    Payment: "payment",
+    Refund: "refund",
+    Dispute: "dispute",
+    Subscription: "subscription",
+    LicenseKey: "license_key",
+}
 
 
 def apply_snapshot(
@@ -44,6 +72,11 @@ def apply_snapshot(
     data-modifying CTE), elsewhere (SQLite has no such CTE) in a statement of its own.
     """
     data = event.data
+    dialect = session.get_bind().dialect.name
+    table = _table(model)
+    key = {name: getattr(data, name) for name in _primary_key(table)}
+    # The row as it was, locked until the transaction ends: the change's `before`.
+    held_row = execute(session, _locked_row(table), key).mappings().first()
     values: dict[str, Any] = {
         **{name: getattr(data, name) for name in model.record_columns()},
         "last_event_type": event.type,
@@ -53,8 +86,6 @@ def apply_snapshot(
         "data": data.delivered,
         "updated_at": utcnow(),
     }
-    dialect = session.get_bind().dialect.name
-    table = _table(model)
     upsert = _upsert(dialect, table, tuple(values))
     params = values
     if model.history is not None:
@@ -64,10 +95,26 @@ def apply_snapshot(
             params = {**values, **{f"{HISTORY_PREFIX}{k}": v for k, v in step.items()}}
         else:
             record_history(session, model.history, step)
-    if execute(session, upsert, params).first() is not None:
+    written = execute(session, upsert, params).mappings().first()
+    if written is not None:
+        before = None if held_row is None else _record(model, held_row).representation()
+        if held_row is None and dialect == "postgresql" and not written["inserted"]:
+            # Another transaction created the row between our read and our upsert (which
+            # waited for it to commit): the state it wrote is its change's `after`.
+            before = _latest_after(session, CHANGE_KINDS[model], str(next(iter(key.values()))))
+        after = _record(model, written).representation()
+        record_change(
+            session,
+            kind=CHANGE_KINDS[model],
+            entity_id=str(next(iter(key.values()))),
+            customer_id=_customer_of(after),
+            before=before,
+            after=after,
+            cause=Cause(delivery.webhook_id, event.type, delivery.event_at),
+            run=execute,
+        )
         return Outcome.APPLIED
     # Left alone: a later event holds the row, or this very delivery does (a replay).
-    key = {name: values[name] for name in _primary_key(table)}
     held = execute(session, _held_key(table), key).one()
     return Outcome.APPLIED if tuple(held) == delivery.order_key else Outcome.SUPERSEDED
 
@@ -117,7 +164,12 @@ def _upsert(dialect: str, table: Table, columns: tuple[str, ...]) -> Any:
         index_elements=keys,
         set_={name: insert.excluded[name] for name in columns if name not in keys},
         where=order_key(table.c) < order_key(insert.excluded),
-    ).returning(*table.primary_key)
+    ).returning(*table.c, *_inserted(dialect))
+
+
+def _inserted(dialect: str) -> tuple[Any, ...]:
+    """On PostgreSQL, whether the upsert inserted (a new row has no xmax) or updated."""
+    return (literal_column("(xmax = 0)").label("inserted"),) if dialect == "postgresql" else ()
 
 
 HISTORY_PREFIX = "history_"
@@ -135,3 +187,36 @@ def _held_key(table: Table) -> Any:
     """The held order key, read under the lock the upsert took (still held: same transaction)."""
     keys = [table.c[c.name] == bindparam(c.name) for c in table.primary_key]
     return select(*(table.c[name] for name in ORDER_COLUMNS)).where(*keys)
+
+
+@cache
+def _locked_row(table: Table) -> Any:
+    keys = [table.c[c.name] == bindparam(c.name) for c in table.primary_key]
+    return select(table).where(*keys).with_for_update()
+
+
+def _record(model: type[Row], row: Any) -> Row:
+    """A detached record built from a row as the driver returned it (any zone): in UTC."""
+    values = {}
+    for column in _table(model).columns:
+        value = row[column.name]
+        if isinstance(value, datetime):
+            value = value.astimezone(UTC)
+        values[column.key] = value
+    return model(**values)
+
+
+def _customer_of(view: dict[str, Any]) -> str | None:
+    customer = view.get("customer_id")
+    if customer is None and isinstance(view.get("customer"), dict):
+        customer = view["customer"].get("customer_id")
+    return customer if isinstance(customer, str) else None
+
+
+def _latest_after(session: Session, kind: str, entity_id: str) -> dict[str, Any] | None:
+    return session.scalars(
+        select(Change.after)
+        .where(Change.kind == kind, Change.entity_id == entity_id)
+        .order_by(Change.seq.desc())
+        .limit(1)
+    ).first()
