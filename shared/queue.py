@@ -16,6 +16,7 @@ from shared.settings import Settings
 
 PROCESS_EVENT: Final = "workers.process_event"
 REDRIVE: Final = "workers.redrive"
+DRAIN: Final = "workers.drain"
 
 
 class _QoS(kombu_redis.QoS):
@@ -95,3 +96,33 @@ def make_celery(settings: Settings, *, name: str = "dodo_webhooks") -> Celery:
 def enqueue(app: Celery, webhook_id: str, event_type: str | None, *, retry: bool = True) -> None:
     """Send the work signal; the event itself is already durable in the database."""
     app.send_task(PROCESS_EVENT, args=[webhook_id], queue=queue_for(event_type), retry=retry)
+
+
+# --- the drain signal ------------------------------------------------------------------
+# The ingest wakes a queue's drain instead of sending one message per event: a flag per
+# queue, set with NX, and one `drain` message only when it was not set already. The drain
+# deletes the flag when it finds its queue empty, then looks once more, so an event recorded
+# meanwhile is never left without a wake. The TTL bounds how long a flag left by a killed
+# drain holds back new wakes (beat's re-drive covers the rest).
+WAKE_TTL_SECONDS: Final = 10
+WAKE_SCRIPT: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def wake_key(queue: str) -> str:
+    """The Redis key that says a drain of `queue` is queued or running."""
+    return f"dodo:wake:{queue}"
+
+
+def send_drain(app: Celery, queue: str, *, continued: bool = False, retry: bool = True) -> None:
+    """Queue one more drain of `queue` (no flag involved: a duplicate drain is harmless).
+
+    `continued`: a drain handing over after its time budget, which calls no one for help.
+    """
+    kwargs = {"continued": True} if continued else {}
+    app.send_task(DRAIN, args=[queue], kwargs=kwargs, queue=queue, retry=retry)

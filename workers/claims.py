@@ -1,8 +1,10 @@
-"""Claiming a recorded event, applying it under a fenced finish, and settling a failure.
+"""Claiming recorded events, applying them under a fenced finish, and settling a failure.
 
 An attempt claims the event (status `processing`, the attempt counted, a lease), then in one
 transaction marks it final, fenced on its attempt number, and runs the routed handler. Only
-the attempt that holds the claim can finish the event or record its failure.
+the attempt that holds the claim can finish the event or record its failure. A drain claims
+up to N ready events of a queue in one statement and applies them in one transaction, each
+in a savepoint of its own (`claim_batch`, `apply_batch`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, bindparam, or_, update
+from sqlalchemy import ColumnElement, Engine, Table, Update, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.catalog import EVENT_QUEUES, FAMILY_OF, OTHER_QUEUE
 from shared.db import transaction, utcnow
 from shared.envelope import read_envelope_head
 from shared.models import EventStatus, Outcome, WebhookEvent
@@ -201,3 +204,176 @@ def settle_failure(
             )
         )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- batches: the drain ---------------------------------------------------------------
+
+
+def _of_queue(queue: str) -> ColumnElement[bool]:
+    # Comparisons with constants, not IN (...): run_prebuilt sends the SQL text as compiled.
+    if queue == OTHER_QUEUE:
+        return or_(EVENTS.c.type.is_(None), and_(*(EVENTS.c.type != t for t in FAMILY_OF)))
+    return or_(*(EVENTS.c.type == t for t, family in FAMILY_OF.items() if family == queue))
+
+
+def _batch_claim(queue: str) -> Update:
+    # Oldest received first, through the (status, received_at) index: a claim costs the same
+    # with ten events waiting or a million, where an ORDER BY on the occurrence would sort
+    # the whole backlog each time. The batch is applied in occurrence order (`claim_batch`).
+    ready = (
+        select(EVENTS.c.webhook_id)
+        .where(EVENTS.c.status == EventStatus.PENDING, _of_queue(queue))
+        .order_by(EVENTS.c.received_at)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(EVENTS)
+        .where(EVENTS.c.webhook_id.in_(ready.scalar_subquery()))
+        .values(
+            status=EventStatus.PROCESSING,
+            attempts=EVENTS.c.attempts + 1,
+            lease_expires_at=bindparam("b_lease_until"),
+        )
+        .returning(
+            EVENTS.c.webhook_id,
+            EVENTS.c.type,
+            EVENTS.c.body,
+            EVENTS.c.attempts,
+            EVENTS.c.webhook_ts,
+            EVENTS.c.event_at,
+            EVENTS.c.last_error,
+        )
+    )
+
+
+_BATCH_CLAIMS: dict[str, Update] = {queue: _batch_claim(queue) for queue in EVENT_QUEUES}
+_SETTLE = (
+    update(EVENTS)
+    .where(
+        EVENTS.c.webhook_id == bindparam("b_webhook_id"),
+        EVENTS.c.status == EventStatus.PROCESSING,
+        EVENTS.c.attempts == bindparam("b_attempt"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        last_error=bindparam("b_error"),
+        lease_expires_at=None,
+        next_attempt_at=bindparam("b_next_attempt_at"),
+        processed_at=bindparam("b_processed_at"),
+    )
+)
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def claim_batch(
+    factory: sessionmaker[Session], queue: str, limit: int, lease_seconds: int
+) -> list[Claim]:
+    """Claim up to `limit` pending events of `queue` in one statement, committed at once.
+
+    Each claimed event counts one attempt, as `claim_event` does; events another worker is
+    claiming are skipped (`SKIP LOCKED`), not waited for. Retrying events are not taken:
+    their own `process_event` message, with its countdown, claims them. The claims come back
+    in occurrence order (envelope timestamp, then `webhook-timestamp`, then webhook id).
+    """
+    now = utcnow()
+    params = {"b_limit": limit, "b_lease_until": now + timedelta(seconds=lease_seconds)}
+    engine: Engine = factory.kw["bind"]
+    with engine.connect() as conn:
+        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+        rows = run_prebuilt(autocommit, _BATCH_CLAIMS[queue], params).all()
+    claims = [
+        Claim(
+            row.webhook_id,
+            row.type,
+            row.body,
+            row.attempts,
+            row.webhook_ts,
+            row.event_at.astimezone(UTC) if row.event_at is not None else None,
+            row.last_error,
+        )
+        for row in rows
+    ]
+    claims.sort(key=lambda c: (c.event_at or _NEVER, c.webhook_ts, c.webhook_id))
+    return claims
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An event of a batch that its attempt finished: processed or ignored."""
+
+    claim: Claim
+    status: EventStatus
+    outcome: Outcome | None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An event of a batch whose handler raised; its savepoint was rolled back."""
+
+    claim: Claim
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class Lost:
+    """An event of a batch that another attempt took over before this one finished it."""
+
+    claim: Claim
+
+
+Result = Applied | Failed | Lost
+
+
+def apply_batch(session: Session, claims: list[Claim]) -> list[Result]:
+    """Apply each claim in a savepoint of the caller's transaction, in the order given.
+
+    A handler that raises has its savepoint rolled back, so its event's writes go and its
+    batch-mates' stay; the caller settles it (`settle_in`) in the same transaction. Only a
+    failure the transaction itself cannot survive (the connection lost) propagates: then
+    nothing of the batch is committed, and every claim keeps its `processing` status and its
+    counted attempt for the caller to settle.
+    """
+    results: list[Result] = []
+    for claim in claims:
+        savepoint = session.begin_nested()
+        try:
+            status, outcome = apply_event(session, claim)
+        except LostClaim:
+            savepoint.rollback()
+            results.append(Lost(claim))
+        except Exception as exc:
+            # Raises in turn when the connection is gone: the whole batch failed.
+            savepoint.rollback()
+            results.append(Failed(claim, exc))
+        else:
+            savepoint.commit()
+            results.append(Applied(claim, status, outcome))
+    return results
+
+
+def settle_in(
+    session: Session,
+    claim: Claim,
+    *,
+    status: EventStatus,
+    error: str,
+    next_attempt_at: datetime | None = None,
+    attempts: int | None = None,
+) -> bool:
+    """`settle_failure` inside the caller's transaction (a drain's batch)."""
+    result = execute(
+        session,
+        _SETTLE,
+        {
+            "b_webhook_id": claim.webhook_id,
+            "b_attempt": claim.attempt,
+            "b_status": status,
+            "b_attempts": claim.attempt if attempts is None else attempts,
+            "b_error": error[:2000],
+            "b_next_attempt_at": next_attempt_at,
+            "b_processed_at": utcnow() if status == EventStatus.DEAD else None,
+        },
+    )
+    return bool(result.rowcount)
