@@ -32,7 +32,15 @@ from tests.dead_letter_support import (
 )
 from tests.support import ManagedProcess, envelope, service_env, signed_headers, wait_until
 from workers import handlers, schemas
-from workers.claims import Applied, Failed, Lost, apply_batch, claim_batch, claim_event
+from workers.claims import (
+    Applied,
+    BatchFailed,
+    Failed,
+    Lost,
+    apply_batch,
+    claim_batch,
+    claim_event,
+)
 
 MAX_ATTEMPTS = int(FAST_RETRIES["MAX_ATTEMPTS"])
 FINAL = ("processed", "ignored", "dead")
@@ -164,6 +172,26 @@ class TestApplyBatch:
         assert counter(clean_db, "cus_a") == 2  # the spoilt event's increment rolled back
         assert event_row(clean_db, "msg_1").status == "processed"
         assert event_row(clean_db, "msg_2").status == "processing"  # for the caller to settle
+
+    @pytest.mark.usefixtures("test_routes")
+    def test_without_savepoints_a_failing_event_fails_the_batch_for_a_rerun(
+        self, clean_db: Engine
+    ) -> None:
+        """The fast path: no savepoints; the caller rolls back and reruns it isolated."""
+        make_counter(clean_db, "cus_b")
+        record(clean_db, "msg_1", COUNT, count_body("cus_b"))
+        record(clean_db, "msg_2", SPOILT, count_body("cus_b", SPOILT))
+        factory = make_sessionmaker(clean_db)
+        claims = claim_batch(factory, "other", 10, 60)
+        with pytest.raises(BatchFailed), transaction(factory) as session:
+            apply_batch(session, claims, isolate=False)
+        assert counter(clean_db, "cus_b") == 0
+        assert {event_row(clean_db, c.webhook_id).status for c in claims} == {"processing"}
+        with transaction(factory) as session:
+            results = apply_batch(session, claims, isolate=True)  # the same attempt, again
+        assert [type(r) for r in results] == [Applied, Failed]
+        assert counter(clean_db, "cus_b") == 1
+        assert event_row(clean_db, "msg_1").attempts == 1
 
     def test_an_event_whose_claim_was_taken_over_is_lost_and_its_mates_applied(
         self, clean_db: Engine

@@ -326,17 +326,36 @@ class Lost:
 Result = Applied | Failed | Lost
 
 
-def apply_batch(session: Session, claims: list[Claim]) -> list[Result]:
-    """Apply each claim in a savepoint of the caller's transaction, in the order given.
+class BatchFailed(Exception):
+    """An event of a batch applied without savepoints raised: its transaction must be rolled
+    back, and the batch applied again with a savepoint per event (`apply_batch`)."""
 
-    A handler that raises has its savepoint rolled back, so its event's writes go and its
-    batch-mates' stay; the caller settles it (`settle_in`) in the same transaction. Only a
-    failure the transaction itself cannot survive (the connection lost) propagates: then
-    nothing of the batch is committed, and every claim keeps its `processing` status and its
-    counted attempt for the caller to settle.
+
+def apply_batch(session: Session, claims: list[Claim], *, isolate: bool = True) -> list[Result]:
+    """Apply each claim in the caller's transaction, in the order given.
+
+    With `isolate`, each event runs in a savepoint of its own: a handler that raises has its
+    savepoint rolled back, so its event's writes go and its batch-mates' stay; the caller
+    settles it (`settle_in`) in the same transaction. Without, there are no savepoints (two
+    round trips fewer per event) and the first event that raises raises BatchFailed: the
+    caller rolls the whole transaction back and applies the batch again isolated, in the same
+    attempt, so a poison event costs its batch-mates time, never an attempt or their effects.
+    Only a failure the transaction itself cannot survive (the connection lost) propagates
+    otherwise: then nothing of the batch is committed, and every claim keeps its `processing`
+    status and its counted attempt for the caller to settle.
     """
     results: list[Result] = []
     for claim in claims:
+        if not isolate:
+            try:
+                status, outcome = apply_event(session, claim)
+            except LostClaim:
+                results.append(Lost(claim))  # nothing was written for it: no rollback needed
+                continue
+            except Exception as exc:
+                raise BatchFailed(claim.webhook_id) from exc
+            results.append(Applied(claim, status, outcome))
+            continue
         savepoint = session.begin_nested()
         try:
             status, outcome = apply_event(session, claim)

@@ -25,9 +25,11 @@ from shared.queue import DRAIN, PROCESS_EVENT, REDRIVE, enqueue, send_drain, wak
 from workers.app import app, settings
 from workers.claims import (
     Applied,
+    BatchFailed,
     Claim,
     Failed,
     LostClaim,
+    Result,
     apply_batch,
     apply_event,
     claim_batch,
@@ -305,43 +307,12 @@ def drain_batch(task: Task, factory: sessionmaker[Session], claims: list[Claim])
     fresh = [c for c in claims if c.attempt <= settings.max_attempts]
     for claim in fresh:
         log_step(log, "processing", **fields[claim.webhook_id])
-    retries: list[tuple[Claim, float, BaseException]] = []
-    dead: list[tuple[Claim, str]] = []
     try:
-        with transaction(factory) as session:
-            results = apply_batch(session, fresh)
-            for claim in spent:
-                # As in process_event: earlier attempts ended without a written verdict.
-                error = f"gave up after {settings.max_attempts} attempts"
-                error += f"; last error: {claim.last_error}" if claim.last_error else ""
-                if settle_in(
-                    session,
-                    claim,
-                    status=EventStatus.DEAD,
-                    error=error,
-                    attempts=claim.attempt - 1,
-                ):
-                    dead.append((claim, error))
-            for result in results:
-                if not isinstance(result, Failed):
-                    continue
-                claim, raised = result.claim, result.error
-                failure = classify(raised)
-                error = str(raised) if failure is Failure.PERMANENT else describe(raised)
-                if failure is Failure.PERMANENT or claim.attempt >= settings.max_attempts:
-                    if settle_in(session, claim, status=EventStatus.DEAD, error=error):
-                        dead.append((claim, error))
-                    continue
-                countdown = backoff_seconds(claim.attempt, settings)
-                next_at = utcnow() + timedelta(seconds=countdown)
-                if settle_in(
-                    session,
-                    claim,
-                    status=EventStatus.RETRYING,
-                    error=error,
-                    next_attempt_at=next_at,
-                ):
-                    retries.append((claim, countdown, raised))
+        try:
+            results, dead, retries = settle_batch(factory, fresh, spent, isolate=False)
+        except BatchFailed:
+            # One of them raised: everything rolled back; again, a savepoint each.
+            results, dead, retries = settle_batch(factory, fresh, spent, isolate=True)
     except Exception as exc:
         # The transaction did not survive (connection lost): nothing of the batch committed,
         # every claim is `processing` with its attempt counted. Each retries on its own.
@@ -359,6 +330,44 @@ def drain_batch(task: Task, factory: sessionmaker[Session], claims: list[Claim])
     for claim, countdown, raised in retries:
         retry_alone(claim, countdown, raised, fields, settled=True)
     return applied + len(dead)
+
+
+def settle_batch(
+    factory: sessionmaker[Session], fresh: list[Claim], spent: list[Claim], *, isolate: bool
+) -> tuple[list[Result], list[tuple[Claim, str]], list[tuple[Claim, float, BaseException]]]:
+    """One transaction: apply `fresh`, bury `spent`, and settle the failed as retrying or dead.
+
+    Returns the results, the events buried and the retries to send once it committed.
+    """
+    retries: list[tuple[Claim, float, BaseException]] = []
+    dead: list[tuple[Claim, str]] = []
+    with transaction(factory) as session:
+        results = apply_batch(session, fresh, isolate=isolate)
+        for claim in spent:
+            # As in process_event: earlier attempts ended without a written verdict.
+            error = f"gave up after {settings.max_attempts} attempts"
+            error += f"; last error: {claim.last_error}" if claim.last_error else ""
+            if settle_in(
+                session, claim, status=EventStatus.DEAD, error=error, attempts=claim.attempt - 1
+            ):
+                dead.append((claim, error))
+        for result in results:
+            if not isinstance(result, Failed):
+                continue
+            claim, raised = result.claim, result.error
+            failure = classify(raised)
+            error = str(raised) if failure is Failure.PERMANENT else describe(raised)
+            if failure is Failure.PERMANENT or claim.attempt >= settings.max_attempts:
+                if settle_in(session, claim, status=EventStatus.DEAD, error=error):
+                    dead.append((claim, error))
+                continue
+            countdown = backoff_seconds(claim.attempt, settings)
+            next_at = utcnow() + timedelta(seconds=countdown)
+            if settle_in(
+                session, claim, status=EventStatus.RETRYING, error=error, next_attempt_at=next_at
+            ):
+                retries.append((claim, countdown, raised))
+    return results, dead, retries
 
 
 def retry_alone(
