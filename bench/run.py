@@ -632,7 +632,7 @@ def e2e_phase(cfg: Config, svc: Services) -> dict[str, Any]:
             "floor_events_per_s": spread(floor),
             "ratio": spread(ratios(product, floor)),
             "database_floor_events_per_s": spread(database),
-            "ratio_to_database_floor": spread(ratios(product, database)),
+            "ratio_to_database_floor": spread(ratios(product, database) if database else []),
             "database_floor_postgres_cpu_ms_per_event": spread(
                 [r["postgres_cpu_ms_per_event"] for r in by_kind["database"]]
             ),

@@ -87,7 +87,7 @@ def payment_body(payment_id: str, status: str, at: datetime) -> str:
 class TestClaimBatch:
     """claim_batch, in-process against PostgreSQL."""
 
-    def test_takes_at_most_the_limit_of_its_queue_oldest_received_in_occurrence_order(
+    def test_takes_at_most_the_limit_of_its_queue_oldest_received_first(
         self, clean_db: Engine
     ) -> None:
         now = utcnow()
@@ -104,7 +104,8 @@ class TestClaimBatch:
             )
         record(clean_db, "msg_refund", "refund.succeeded", "{}")
         claims = claim_batch(make_sessionmaker(clean_db), "payments", 3, 60)
-        assert [c.webhook_id for c in claims] == ["msg_2", "msg_1", "msg_0"]
+        # Grouped by the record each one writes (pay_0 < pay_1 < pay_2): one lock order.
+        assert [c.webhook_id for c in claims] == ["msg_0", "msg_1", "msg_2"]
         assert {c.attempt for c in claims} == {1}
         statuses = {n: event_row(clean_db, f"msg_{n}").status for n in range(5)}
         assert statuses == {0: "processing", 1: "processing", 2: "processing"} | {
