@@ -11,8 +11,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, cast
 
+from psycopg.errors import DeadlockDetected, SerializationFailure
 from sqlalchemy import (
     ColumnElement,
     Table,
@@ -26,6 +28,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import dialect_insert, transaction, utcnow
@@ -665,26 +668,58 @@ def _erase_events(
     batch_size: int,
 ) -> TableCount:
     count = TableCount()
-    ev = WebhookEvent
     for start in range(0, len(webhook_ids), batch_size):
         chunk = webhook_ids[start : start + batch_size]
-        with transaction(factory) as session:
-            query = select(ev.webhook_id, ev.body, ev.headers).where(ev.webhook_id.in_(chunk))
-            if not dry_run:
-                query = query.with_for_update()
-            for webhook_id, body, headers in session.execute(query).all():
-                count.rows += 1
-                erased = erase_body(body, headers, strings)
-                if erased is None:
-                    continue
-                count.changed += 1
-                if not dry_run:
-                    session.execute(
-                        update(ev)
-                        .where(ev.webhook_id == webhook_id)
-                        .values(body=erased[0], headers=erased[1], erased_at=utcnow())
-                    )
+        done = _in_transaction_retried(
+            factory, partial(_erase_event_rows, chunk=chunk, strings=strings, dry_run=dry_run)
+        )
+        count.rows += done.rows
+        count.changed += done.changed
     return count
+
+
+def _erase_event_rows(
+    session: Session, *, chunk: Sequence[str], strings: set[str], dry_run: bool
+) -> TableCount:
+    count = TableCount()
+    ev = WebhookEvent
+    query = select(ev.webhook_id, ev.body, ev.headers).where(ev.webhook_id.in_(chunk))
+    if not dry_run:
+        query = query.with_for_update()
+    for webhook_id, body, headers in session.execute(query).all():
+        count.rows += 1
+        erased = erase_body(body, headers, strings)
+        if erased is None:
+            continue
+        count.changed += 1
+        if not dry_run:
+            session.execute(
+                update(ev)
+                .where(ev.webhook_id == webhook_id)
+                .values(body=erased[0], headers=erased[1], erased_at=utcnow())
+            )
+    return count
+
+
+# An erasure locks rows that a worker's batch may be locking in another order: PostgreSQL
+# then ends one of the two transactions as a deadlock. The worker's retries on its own; the
+# erasure does too, a few times, rather than fail the operator's request.
+_LOCK_RETRIES = 5
+
+
+def _in_transaction_retried(
+    factory: sessionmaker[Session], work: Callable[[Session], TableCount]
+) -> TableCount:
+    for attempt in range(1, _LOCK_RETRIES + 1):
+        try:
+            with transaction(factory) as session:
+                return work(session)
+        except DBAPIError as exc:
+            lost = isinstance(exc.orig, DeadlockDetected | SerializationFailure)
+            if not lost or attempt == _LOCK_RETRIES:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _erase_table(
@@ -695,8 +730,9 @@ def _erase_table(
     *,
     dry_run: bool,
 ) -> TableCount:
-    with transaction(factory) as session:
-        return erase_rows(session, table, scope, strings, dry_run=dry_run)
+    return _in_transaction_retried(
+        factory, lambda session: erase_rows(session, table, scope, strings, dry_run=dry_run)
+    )
 
 
 def erase_rows(

@@ -20,6 +20,7 @@ RECONCILE: Final = "workers.reconcile"
 PURGE: Final = "workers.purge"
 DELIVER_CHANGE: Final = "workers.deliver_change"
 REDRIVE_DELIVERIES: Final = "workers.redrive_deliveries"
+DRAIN: Final = "workers.drain"
 
 
 class _QoS(kombu_redis.QoS):
@@ -111,3 +112,33 @@ def enqueue_deliveries(app: Celery, delivery_ids: list[int], *, retry: bool = Tr
     """Signal outbound deliveries; each is durable in the database already."""
     for delivery_id in delivery_ids:
         app.send_task(DELIVER_CHANGE, args=[delivery_id], queue=OUTBOUND_QUEUE, retry=retry)
+
+
+# --- the drain signal ------------------------------------------------------------------
+# The ingest wakes a queue's drain instead of sending one message per event: a flag per
+# queue, set with NX, and one `drain` message only when it was not set already. The drain
+# deletes the flag when it finds its queue empty, then looks once more, so an event recorded
+# meanwhile is never left without a wake. The TTL bounds how long a flag left by a killed
+# drain holds back new wakes (beat's re-drive covers the rest).
+WAKE_TTL_SECONDS: Final = 10
+WAKE_SCRIPT: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def wake_key(queue: str) -> str:
+    """The Redis key that says a drain of `queue` is queued or running."""
+    return f"dodo:wake:{queue}"
+
+
+def send_drain(app: Celery, queue: str, *, continued: bool = False, retry: bool = True) -> None:
+    """Queue one more drain of `queue` (no flag involved: a duplicate drain is harmless).
+
+    `continued`: a drain handing over after its time budget, which calls no one for help.
+    """
+    kwargs = {"continued": True} if continued else {}
+    app.send_task(DRAIN, args=[queue], kwargs=kwargs, queue=queue, retry=retry)

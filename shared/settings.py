@@ -148,6 +148,12 @@ class Settings(BaseSettings):
             )
         return self.outbound_webhook_secret[0]
 
+    # Draining (workers/tasks.py `drain`): how many ready events one claim takes at most,
+    # and how long one drain task runs before it hands its queue to the next message, so
+    # that a worker serving several queues turns to the others during a long backlog.
+    drain_batch_size: int = Field(default=100, ge=1, le=1000)
+    drain_budget_seconds: float = Field(default=1.0, gt=0)
+
     @field_validator("dodo_payments_webhook_key", mode="before")
     @classmethod
     def _split_secrets(cls, value: str | list[str] | None) -> list[str]:

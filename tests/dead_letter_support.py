@@ -26,6 +26,7 @@ from tests.support import (
 COUNT = "test.count"
 POISON = "test.poison"
 FLAKY = "test.flaky"
+SPOILT = "test.spoilt"
 
 # Small enough that a poison event dies in well under a second.
 FAST_RETRIES = {

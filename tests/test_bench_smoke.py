@@ -81,6 +81,14 @@ class TestBenchQuickRun:
         assert saturation["durable_floor_postgres_cpu_ms_per_request"]["median"] > 0
         assert is_number(saturation["ratio_to_durable_floor"]["median"])
         assert e2e["product_postgres_cpu_ms_per_event"]["median"] > 0
+        # The database floor replays the drain's statements: the same events, all finished.
+        assert e2e["database_floor_events_per_s"]["median"] > 0
+        assert e2e["runs"]["database"][0]["events"] == 40
+        assert is_number(e2e["ratio_to_database_floor"]["median"])
+        # From acknowledgement to applied, with ingest and workers running.
+        applied = printed["applied"]["100"]
+        assert applied["all_applied"] is True
+        assert 0 < applied["p50_ms"]["median"] <= applied["p99_ms"]["median"]
         statuses = e2e["runs"]["product"][0]["statuses"]
         assert sum(v for k, v in statuses.items() if k in ("processed", "ignored", "dead")) == 40
         assert set(printed["peak_rss_mib"]) >= {"ingest_worker", "celery_main", "celery_pool_child"}

@@ -22,6 +22,7 @@ from workers.schemas import SCHEMAS
 COUNT = "test.count"
 POISON = "test.poison"
 FLAKY = "test.flaky"
+SPOILT = "test.spoilt"
 
 
 class TestData(BaseModel):
@@ -63,7 +64,13 @@ def flaky(session: Session, event: TestEvent, delivery: Delivery) -> Outcome:
     return count(session, event, delivery)
 
 
-for event_type, handler in ((COUNT, count), (POISON, poison), (FLAKY, flaky)):
+def spoilt(session: Session, event: TestEvent, delivery: Delivery) -> Outcome:
+    """Writes its effect, then fails: what it wrote must not survive the failure."""
+    count(session, event, delivery)
+    raise RuntimeError("spoilt: fails after writing")
+
+
+for event_type, handler in ((COUNT, count), (POISON, poison), (FLAKY, flaky), (SPOILT, spoilt)):
     ROUTES[event_type] = handler
     SCHEMAS[event_type] = TestEvent
 

@@ -1,20 +1,35 @@
-"""Claiming a recorded event, applying it under a fenced finish, and settling a failure.
+"""Claiming recorded events, applying them under a fenced finish, and settling a failure.
 
 An attempt claims the event (status `processing`, the attempt counted, a lease), then in one
 transaction marks it final, fenced on its attempt number, and runs the routed handler. Only
-the attempt that holds the claim can finish the event or record its failure.
+the attempt that holds the claim can finish the event or record its failure. A drain claims
+up to N ready events of a queue in one statement and applies them in one transaction, each
+in a savepoint of its own (`claim_batch`, `apply_batch`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Final, cast
 
-from sqlalchemy import Engine, String, Table, bindparam, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    String,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.changes import fan_out
+from shared.catalog import EVENT_QUEUES, FAMILY_OF, OTHER_QUEUE
+from shared.changes import RECORDED, fan_out
 from shared.db import transaction, utcnow
 from shared.envelope import read_envelope_head
 from shared.lifecycle import customer_in_body, erase_on_apply
@@ -206,8 +221,8 @@ def apply_event(
         # An event that arrived after its customer's erasure, or applied meanwhile.
         erase_on_apply(session, claim.webhook_id, erased_customer)
     # The change the handler recorded, one delivery per outbound URL: in this transaction,
-    # so a change is never without its deliveries.
-    session.info[DELIVERIES_MADE] = fan_out(session, outbound_urls)
+    # so a change is never without its deliveries. A batch adds each event's to the list.
+    session.info.setdefault(DELIVERIES_MADE, []).extend(fan_out(session, outbound_urls))
     return status, outcome
 
 
@@ -240,3 +255,246 @@ def settle_failure(
             )
         )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- batches: the drain ---------------------------------------------------------------
+
+
+def _of_queue(queue: str) -> ColumnElement[bool]:
+    # Comparisons with constants, not IN (...): run_prebuilt sends the SQL text as compiled.
+    if queue == OTHER_QUEUE:
+        return or_(EVENTS.c.type.is_(None), and_(*(EVENTS.c.type != t for t in FAMILY_OF)))
+    return or_(*(EVENTS.c.type == t for t, family in FAMILY_OF.items() if family == queue))
+
+
+def _batch_claim(queue: str) -> Update:
+    # Oldest received first, through the (status, received_at) index: a claim costs the same
+    # with ten events waiting or a million, where an ORDER BY on the occurrence would sort
+    # the whole backlog each time. The batch is applied in occurrence order (`claim_batch`).
+    ready = (
+        select(EVENTS.c.webhook_id)
+        .where(EVENTS.c.status == EventStatus.PENDING, _of_queue(queue))
+        .order_by(EVENTS.c.received_at)
+        .limit(bindparam("b_limit"))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(EVENTS)
+        .where(EVENTS.c.webhook_id.in_(ready.scalar_subquery()))
+        .values(
+            status=EventStatus.PROCESSING,
+            attempts=EVENTS.c.attempts + 1,
+            lease_expires_at=bindparam("b_lease_until"),
+        )
+        .returning(
+            EVENTS.c.webhook_id,
+            EVENTS.c.type,
+            EVENTS.c.body,
+            EVENTS.c.attempts,
+            EVENTS.c.webhook_ts,
+            EVENTS.c.event_at,
+            EVENTS.c.last_error,
+        )
+    )
+
+
+_BATCH_CLAIMS: dict[str, Update] = {queue: _batch_claim(queue) for queue in EVENT_QUEUES}
+_SETTLE = (
+    update(EVENTS)
+    .where(
+        EVENTS.c.webhook_id == bindparam("b_webhook_id"),
+        EVENTS.c.status == EventStatus.PROCESSING,
+        EVENTS.c.attempts == bindparam("b_attempt"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        last_error=bindparam("b_error"),
+        lease_expires_at=None,
+        next_attempt_at=bindparam("b_next_attempt_at"),
+        processed_at=bindparam("b_processed_at"),
+    )
+)
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def claim_batch(
+    factory: sessionmaker[Session], queue: str, limit: int, lease_seconds: int
+) -> list[Claim]:
+    """Claim up to `limit` pending events of `queue` in one statement, committed at once.
+
+    Each claimed event counts one attempt, as `claim_event` does; events another worker is
+    claiming are skipped (`SKIP LOCKED`), not waited for. Retrying events are not taken:
+    their own `process_event` message, with its countdown, claims them. The claims come back
+    grouped by the record they write (`lock_key`), each record's events in occurrence order
+    (envelope timestamp, then `webhook-timestamp`, then webhook id).
+    """
+    now = utcnow()
+    params = {"b_limit": limit, "b_lease_until": now + timedelta(seconds=lease_seconds)}
+    engine: Engine = factory.kw["bind"]
+    with engine.connect() as conn:
+        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+        rows = run_prebuilt(autocommit, _BATCH_CLAIMS[queue], params).all()
+    claims = [
+        Claim(
+            row.webhook_id,
+            row.type,
+            row.body,
+            row.attempts,
+            row.webhook_ts,
+            row.event_at.astimezone(UTC) if row.event_at is not None else None,
+            row.last_error,
+        )
+        for row in rows
+    ]
+    claims.sort(
+        key=lambda c: (lock_key(queue, c), c.event_at or _NEVER, c.webhook_ts, c.webhook_id)
+    )
+    return claims
+
+
+# The `data` fields that name the row an event of the family locks and writes.
+_LOCKED_BY: Final[dict[str, tuple[str, ...]]] = {
+    "payments": ("payment_id",),
+    "refunds": ("refund_id",),
+    "disputes": ("dispute_id",),
+    "subscriptions": ("subscription_id",),
+    "license_keys": ("id",),
+    "credits": ("customer_id", "credit_entitlement_id"),
+}
+
+
+def lock_key(queue: str, claim: Claim) -> tuple[str, ...]:
+    """The record an event's handler locks, as a sortable key.
+
+    Two drains applying batches of one family at once lock the records of their events in
+    the order of their batches; sorted by this key, every batch takes its locks in one
+    global order, so two batches never wait on each other in a circle (a deadlock costs
+    PostgreSQL's `deadlock_timeout`, a second, and a rerun). A body that does not parse
+    sorts first: it fails alone in its attempt, before taking any lock.
+    """
+    fields = _LOCKED_BY.get(queue)
+    if not fields:
+        return ()
+    try:
+        data = json.loads(claim.body).get("data")
+    except (ValueError, AttributeError):
+        return ()
+    if not isinstance(data, dict):
+        return ()
+    return tuple(str(data.get(name, "")) for name in fields)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An event of a batch that its attempt finished: processed or ignored."""
+
+    claim: Claim
+    status: EventStatus
+    outcome: Outcome | None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An event of a batch whose handler raised; its savepoint was rolled back."""
+
+    claim: Claim
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class Lost:
+    """An event of a batch that another attempt took over before this one finished it."""
+
+    claim: Claim
+
+
+Result = Applied | Failed | Lost
+
+
+class BatchFailed(Exception):
+    """An event of a batch applied without savepoints raised: its transaction must be rolled
+    back, and the batch applied again with a savepoint per event (`apply_batch`)."""
+
+
+def apply_batch(
+    session: Session,
+    claims: list[Claim],
+    *,
+    isolate: bool = True,
+    outbound_urls: tuple[str, ...] = (),
+) -> list[Result]:
+    """Apply each claim in the caller's transaction, in the order given.
+
+    With `isolate`, each event runs in a savepoint of its own: a handler that raises has its
+    savepoint rolled back, so its event's writes go and its batch-mates' stay; the caller
+    settles it (`settle_in`) in the same transaction. Without, there are no savepoints (two
+    round trips fewer per event) and the first event that raises raises BatchFailed: the
+    caller rolls the whole transaction back and applies the batch again isolated, in the same
+    attempt, so a poison event costs its batch-mates time, never an attempt or their effects.
+    Only a failure the transaction itself cannot survive (the connection lost) propagates
+    otherwise: then nothing of the batch is committed, and every claim keeps its `processing`
+    status and its counted attempt for the caller to settle.
+    """
+    results: list[Result] = []
+    for claim in claims:
+        if not isolate:
+            try:
+                status, outcome = apply_event(session, claim, outbound_urls)
+            except LostClaim:
+                results.append(Lost(claim))  # nothing was written for it: no rollback needed
+                continue
+            except Exception as exc:
+                raise BatchFailed(claim.webhook_id) from exc
+            results.append(Applied(claim, status, outcome))
+            continue
+        savepoint = session.begin_nested()
+        made = len(session.info.get(DELIVERIES_MADE, []))
+        try:
+            status, outcome = apply_event(session, claim, outbound_urls)
+        except LostClaim:
+            savepoint.rollback()
+            _forget_since(session, made)
+            results.append(Lost(claim))
+        except Exception as exc:
+            # Raises in turn when the connection is gone: the whole batch failed.
+            savepoint.rollback()
+            _forget_since(session, made)
+            results.append(Failed(claim, exc))
+        else:
+            savepoint.commit()
+            results.append(Applied(claim, status, outcome))
+    return results
+
+
+def _forget_since(session: Session, made: int) -> None:
+    """After a savepoint's rollback: the change its handler recorded and the deliveries made
+    for it are gone with it, so neither may be fanned out or signalled."""
+    session.info.pop(RECORDED, None)
+    del session.info.get(DELIVERIES_MADE, [])[made:]
+
+
+def settle_in(
+    session: Session,
+    claim: Claim,
+    *,
+    status: EventStatus,
+    error: str,
+    next_attempt_at: datetime | None = None,
+    attempts: int | None = None,
+) -> bool:
+    """`settle_failure` inside the caller's transaction (a drain's batch)."""
+    result = execute(
+        session,
+        _SETTLE,
+        {
+            "b_webhook_id": claim.webhook_id,
+            "b_attempt": claim.attempt,
+            "b_status": status,
+            "b_attempts": claim.attempt if attempts is None else attempts,
+            "b_error": error[:2000],
+            "b_next_attempt_at": next_attempt_at,
+            "b_processed_at": utcnow() if status == EventStatus.DEAD else None,
+        },
+    )
+    return bool(result.rowcount)
