@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from flask import redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ingest.console import queries
 from ingest.console.blueprint import bp
 from ingest.records import RECORDS
 from ingest.state import state
-from shared import deadletters
+from shared import changes, deadletters
 from shared.deadletters import FilterError
-from shared.models import EventStatus
+from shared.models import Change, DeliveryStatus, EventStatus
+from shared.queue import enqueue_deliveries
 
 Page = ResponseReturnValue
 
@@ -180,12 +183,41 @@ def search() -> Page:
     return render_template("console/search.html", query=query, found=found), (200 if found else 404)
 
 
-def change_feed() -> dict[str, Any] | None:
-    """The change feed's summary for the Changes page and the overview; None until the change
-    feed (another issue) lands: its list of changes and deliveries is filled in here."""
-    return None
+def change_feed(limit: int = 50) -> dict[str, Any]:
+    """The change feed for the Changes page and the overview (shared/changes.py): the newest
+    changes, each URL's deliveries in figures, and the deliveries that failed."""
+    with Session(state().engine) as session:
+        newest = session.scalars(select(Change).order_by(Change.seq.desc()).limit(limit)).all()
+        failing = changes.list_deliveries(session, limit=limit, status=DeliveryStatus.DEAD)
+        return {
+            "urls": list(state().settings.outbound_webhook_url),
+            "changes": [changes.change_view(change) for change in newest],
+            "summary": changes.outbound_summary(session),
+            "dead": [changes.delivery_view(delivery) for delivery in failing],
+            "dead_count": changes.requeue_deliveries(
+                session, dry_run=True, status=DeliveryStatus.DEAD
+            ).matched,
+        }
 
 
-@bp.get("/changes")
-def changes() -> Page:
+@bp.get("/changes", endpoint="changes")
+def changes_page() -> Page:
     return render_template("console/changes.html", feed=change_feed())
+
+
+@bp.post("/changes/retry")
+def retry_deliveries() -> Page:
+    """Dead deliveries back to pending (the count was on the page), as the admin API's
+    POST /api/changes/deliveries/retry {"status": "dead"} does."""
+    ingest = state()
+    with Session(ingest.engine) as session, session.begin():
+        result = changes.requeue_deliveries(session, status=DeliveryStatus.DEAD)
+    if result.requeued:
+        # If Redis is away they are pending in the database all the same: beat re-drives them.
+        with contextlib.suppress(Exception):
+            enqueue_deliveries(ingest.celery, result.requeued, retry=False)
+    return _message(
+        "Deliveries retried",
+        f"{result.matched} matched, {len(result.requeued)} requeued.",
+        200,
+    )

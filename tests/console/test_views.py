@@ -7,12 +7,12 @@ import re
 from datetime import timedelta
 
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import create_app
 from shared.db import utcnow
-from shared.models import EventStatus, WebhookEvent
+from shared.models import Change, DeliveryStatus, EventStatus, OutboundDelivery, WebhookEvent
 from shared.settings import Settings
 from tests.console.conftest import csrf_token, deliver, sign_in
 from tests.dead_letter_support import event_row, hours_ago, queued, store_event
@@ -263,9 +263,37 @@ class TestSearch:
 
 
 class TestChanges:
-    def test_says_the_change_feed_is_not_configured(self, admin: FlaskClient) -> None:
+    def test_lists_the_newest_changes_and_retries_a_dead_delivery(
+        self, admin: FlaskClient, clean_db: Engine, factory: sessionmaker[Session]
+    ) -> None:
+        deliver(clean_db, factory, "subscription.active", subscription_id="sub_c1")
+        with factory() as session, session.begin():
+            change = session.scalars(select(Change)).one()
+            session.add(
+                OutboundDelivery(
+                    change_seq=change.seq,
+                    change_id=change.id,
+                    url="http://127.0.0.1:9/hook",
+                    kind=change.kind,
+                    entity_id=change.entity_id,
+                    status=DeliveryStatus.DEAD,
+                    attempts=8,
+                    last_status_code=500,
+                    last_error="HTTP 500",
+                )
+            )
         page = text(admin.get("/console/changes"))
-        assert "not configured yet" in page
+        assert "sub_c1" in page and "subscription.active" in page
+        assert "Retry 1 dead delivery" in page and "HTTP 500" in page
+        token = csrf_token(admin, "/console/changes")
+        answer = admin.post("/console/changes/retry", data={"csrf_token": token})
+        assert answer.status_code == 200
+        assert "1 matched, 1 requeued" in text(answer)
+        with factory() as session:
+            assert session.scalars(select(OutboundDelivery.status)).one() == "pending"
+
+    def test_a_retry_without_its_csrf_token_is_refused(self, admin: FlaskClient) -> None:
+        assert admin.post("/console/changes/retry").status_code == 400
 
 
 class TestFailures:
