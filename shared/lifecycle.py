@@ -19,6 +19,7 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     Text,
+    delete,
     false,
     func,
     inspect,
@@ -38,6 +39,7 @@ from shared.models import (
     Change,
     CreditEntry,
     CustomerErasure,
+    DeliveryStatus,
     Dispute,
     LicenseKey,
     LifecycleCounter,
@@ -67,6 +69,9 @@ class PurgeResult:
     batches: int = 0
     # False when the run stopped at its time budget with purgeable events left.
     complete: bool = True
+    # Outbound deliveries of the change feed, delivered before the cutoff, removed with
+    # their attempts.
+    deliveries: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +81,7 @@ class PurgeResult:
             "events": self.events,
             "bytes": self.bytes,
             "complete": self.complete,
+            "deliveries": self.deliveries,
         }
 
 
@@ -149,6 +155,31 @@ def purge_batch(
     return Batch(events, size, max(row.processed_at for row in rows))
 
 
+def _delivered_before(cutoff: datetime) -> list[ColumnElement[bool]]:
+    return [
+        OutboundDelivery.status == DeliveryStatus.DELIVERED,
+        OutboundDelivery.delivered_at < cutoff,
+    ]
+
+
+def purge_deliveries_batch(session: Session, cutoff: datetime, limit: int) -> int:
+    """Remove up to `limit` outbound deliveries delivered before `cutoff`, and their
+    attempts, in the caller's transaction. Pending and dead ones stay (a retry needs them)."""
+    ids = list(
+        session.scalars(
+            select(OutboundDelivery.id)
+            .where(*_delivered_before(cutoff))
+            .order_by(OutboundDelivery.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if ids:
+        session.execute(delete(OutboundAttempt).where(OutboundAttempt.delivery_id.in_(ids)))
+        session.execute(delete(OutboundDelivery).where(OutboundDelivery.id.in_(ids)))
+    return len(ids)
+
+
 def add_counters(session: Session, amounts: dict[str, int]) -> None:
     table = cast(Table, LifecycleCounter.__table__)
     insert = dialect_insert(session.get_bind().dialect.name)(table)
@@ -188,8 +219,17 @@ def purge(
                     *_purgeable(cutoff)
                 )
             ).one()
+            result.deliveries = int(
+                session.scalar(select(func.count()).where(*_delivered_before(cutoff))) or 0
+            )
         result.events, result.bytes = int(count), int(size)
         return result
+    while True:
+        with transaction(factory) as session:
+            removed = purge_deliveries_batch(session, cutoff, batch_size)
+        result.deliveries += removed
+        if removed < batch_size:
+            break
     deadline = None if run_seconds is None else time.monotonic() + run_seconds
     reached: datetime | None = None
     while True:

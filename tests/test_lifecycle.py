@@ -25,7 +25,10 @@ from shared.lifecycle import (
 from shared.models import (
     CreditEntry,
     CustomerErasure,
+    DeliveryStatus,
     EventStatus,
+    OutboundAttempt,
+    OutboundDelivery,
     Payment,
     Subscription,
     WebhookEvent,
@@ -124,6 +127,48 @@ class TestEraseJson:
 
 class TestPurge:
     """RETENTION_DAYS: old processed and ignored bodies go, everything else stays."""
+
+    def test_delivered_outbound_deliveries_older_than_retention_go_the_rest_stay(
+        self, clean_db: Engine
+    ) -> None:
+        """DESIGN: delivered outbound changes older than RETENTION_DAYS are removed likewise;
+        pending and dead deliveries stay for a retry, and so does the change feed."""
+        now = utcnow()
+        rows = {
+            "old": (DeliveryStatus.DELIVERED, now - timedelta(days=31)),
+            "recent": (DeliveryStatus.DELIVERED, now - timedelta(days=29)),
+            "dead": (DeliveryStatus.DEAD, None),
+            "pending": (DeliveryStatus.PENDING, None),
+        }
+        ids: dict[str, int] = {}
+        with make_sessionmaker(clean_db)() as session, session.begin():
+            for name, (status, delivered_at) in rows.items():
+                delivery = OutboundDelivery(
+                    change_seq=1,
+                    change_id=f"chg_{name}",
+                    url="http://127.0.0.1:9/hook",
+                    kind="payment",
+                    entity_id="pay_1",
+                    status=status,
+                    attempts=1,
+                    delivered_at=delivered_at,
+                )
+                session.add(delivery)
+                session.flush()
+                ids[name] = delivery.id
+                session.add(
+                    OutboundAttempt(
+                        delivery_id=delivery.id, attempt=1, started_at=now, duration_ms=1.0
+                    )
+                )
+        factory = make_sessionmaker(clean_db)
+        dry = purge(factory, retention_days=30, batch_size=500, dry_run=True)
+        assert dry.deliveries == 1
+        assert purge(factory, retention_days=30, batch_size=500).deliveries == 1
+        with factory() as session:
+            kept = set(session.scalars(select(OutboundDelivery.id)))
+            attempts = set(session.scalars(select(OutboundAttempt.delivery_id)))
+        assert kept == attempts == {ids["recent"], ids["dead"], ids["pending"]}
 
     def test_old_processed_and_ignored_bodies_are_purged_recent_ones_and_dead_letters_kept(
         self, clean_db: Engine
