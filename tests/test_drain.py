@@ -144,13 +144,22 @@ class TestClaimBatch:
 
 
 @pytest.fixture
-def test_routes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker's test routes (tests/worker_with_test_routes.py), in this process."""
+def test_routes() -> Iterator[None]:
+    """The worker's test routes (tests/worker_with_test_routes.py), in this process, and
+    the routing table and schemas as they were afterwards: importing that module adds its
+    types to both, which later tests (the catalog's) must not see."""
+    held = dict(handlers.ROUTES), dict(schemas.SCHEMAS)
     from tests import worker_with_test_routes as routes
 
     for event_type, handler in ((COUNT, routes.count), (SPOILT, routes.spoilt)):
-        monkeypatch.setitem(handlers.ROUTES, event_type, handler)
-        monkeypatch.setitem(schemas.SCHEMAS, event_type, routes.TestEvent)
+        handlers.ROUTES[event_type] = handler
+        schemas.SCHEMAS[event_type] = routes.TestEvent
+    try:
+        yield
+    finally:
+        for table, kept in zip((handlers.ROUTES, schemas.SCHEMAS), held, strict=True):
+            table.clear()
+            table.update(kept)  # type: ignore[arg-type]
 
 
 class TestApplyBatch:
