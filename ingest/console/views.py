@@ -183,7 +183,7 @@ def search() -> Page:
     return render_template("console/search.html", query=query, found=found), (200 if found else 404)
 
 
-def change_feed(limit: int = 50) -> dict[str, Any]:
+def change_feed(limit: int = 25) -> dict[str, Any]:
     """The change feed for the Changes page and the overview (shared/changes.py): the newest
     changes, each URL's deliveries in figures, and the deliveries that failed."""
     with Session(state().engine) as session:
