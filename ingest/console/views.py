@@ -16,7 +16,7 @@ from ingest.records import RECORDS
 from ingest.state import state
 from shared import changes, deadletters
 from shared.deadletters import FilterError
-from shared.models import Change, DeliveryStatus, EventStatus
+from shared.models import Change, DeliveryStatus, EventStatus, ReconcileRun
 from shared.queue import enqueue_deliveries
 
 Page = ResponseReturnValue
@@ -30,8 +30,15 @@ def _message(title: str, message: str, code: int) -> tuple[str, int]:
 def overview() -> Page:
     with Session(state().engine) as session:
         data = queries.overview(session)
+        runs = session.scalars(
+            select(ReconcileRun).order_by(ReconcileRun.started_at.desc()).limit(5)
+        ).all()
     return render_template(
-        "console/overview.html", data=data, changes=change_feed(), statuses=list(EventStatus)
+        "console/overview.html",
+        data=data,
+        changes=change_feed(),
+        statuses=list(EventStatus),
+        reconcile_runs=runs,
     )
 
 

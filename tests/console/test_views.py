@@ -12,7 +12,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import create_app
 from shared.db import utcnow
-from shared.models import Change, DeliveryStatus, EventStatus, OutboundDelivery, WebhookEvent
+from shared.models import (
+    Change,
+    DeliveryStatus,
+    EventStatus,
+    OutboundDelivery,
+    ReconcileRun,
+    WebhookEvent,
+)
 from shared.settings import Settings
 from tests.console.conftest import csrf_token, deliver, sign_in
 from tests.dead_letter_support import event_row, hours_ago, queued, store_event
@@ -51,6 +58,27 @@ class TestOverview:
         assert re.search(r"payment\.succeeded</a></td><td class=\"num\">2<", page)
         assert "<svg" in page and "4 received" not in page  # the chart: 3 now, 1 two hours ago
         assert "3 received, 3 dead now" in page
+
+    def test_shows_the_latest_reconciliation_runs(
+        self, admin: FlaskClient, factory: sessionmaker[Session]
+    ) -> None:
+        assert "none yet: <code>dodo-webhooks reconcile</code>" in text(admin.get("/console/"))
+        with factory() as session, session.begin():
+            session.add(
+                ReconcileRun(
+                    trigger="beat",
+                    started_at=utcnow(),
+                    families="payments",
+                    listed=40,
+                    missing=3,
+                    differs=2,
+                    recorded=5,
+                    api_calls=7,
+                    counts={},
+                )
+            )
+        page = text(admin.get("/console/"))
+        assert re.search(r"<td>beat</td><td>payments</td>\s*<td class=\"num\">40</td>", page)
 
 
 class TestEvents:
