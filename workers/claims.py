@@ -63,6 +63,20 @@ DELIVERIES_MADE = "dodo_webhooks.deliveries"
 
 # Statements built once (building them per task cost more CPU than running them), on the
 # table rather than the mapped class: plain Core, no ORM bookkeeping on the hot path.
+# What a claim, of one event or of a batch, writes and reads back.
+CLAIMED: Final[dict[str, Any]] = {
+    "status": EventStatus.PROCESSING,
+    "attempts": EVENTS.c.attempts + 1,
+    "lease_expires_at": bindparam("b_lease_until"),
+}
+CLAIM_RETURNS: Final = (
+    EVENTS.c.type,
+    EVENTS.c.body,
+    EVENTS.c.attempts,
+    EVENTS.c.webhook_ts,
+    EVENTS.c.event_at,
+    EVENTS.c.last_error,
+)
 _CLAIM = (
     update(EVENTS)
     .where(
@@ -79,19 +93,8 @@ _CLAIM = (
             & (EVENTS.c.attempts == bindparam("b_after_attempt")),
         ),
     )
-    .values(
-        status=EventStatus.PROCESSING,
-        attempts=EVENTS.c.attempts + 1,
-        lease_expires_at=bindparam("b_lease_until"),
-    )
-    .returning(
-        EVENTS.c.type,
-        EVENTS.c.body,
-        EVENTS.c.attempts,
-        EVENTS.c.webhook_ts,
-        EVENTS.c.event_at,
-        EVENTS.c.last_error,
-    )
+    .values(**CLAIMED)
+    .returning(*CLAIM_RETURNS)
 )
 # The customer of this event if it was erased (its own, or its payment's): the worker then
 # erases what it applies, in this transaction (shared/lifecycle.py). An erasure recorded
@@ -281,20 +284,8 @@ def _batch_claim(queue: str) -> Update:
     return (
         update(EVENTS)
         .where(EVENTS.c.webhook_id.in_(ready.scalar_subquery()))
-        .values(
-            status=EventStatus.PROCESSING,
-            attempts=EVENTS.c.attempts + 1,
-            lease_expires_at=bindparam("b_lease_until"),
-        )
-        .returning(
-            EVENTS.c.webhook_id,
-            EVENTS.c.type,
-            EVENTS.c.body,
-            EVENTS.c.attempts,
-            EVENTS.c.webhook_ts,
-            EVENTS.c.event_at,
-            EVENTS.c.last_error,
-        )
+        .values(**CLAIMED)
+        .returning(EVENTS.c.webhook_id, *CLAIM_RETURNS)
     )
 
 
