@@ -135,10 +135,17 @@ def wake_key(queue: str) -> str:
     return f"dodo:wake:{queue}"
 
 
-def send_drain(app: Celery, queue: str, *, continued: bool = False, retry: bool = True) -> None:
+def send_drain(
+    app: Celery,
+    queue: str,
+    *,
+    continued: bool = False,
+    retry: bool = True,
+    countdown: float | None = None,
+) -> None:
     """Queue one more drain of `queue` (no flag involved: a duplicate drain is harmless).
 
     `continued`: a drain handing over after its time budget, which calls no one for help.
     """
     kwargs = {"continued": True} if continued else {}
-    app.send_task(DRAIN, args=[queue], kwargs=kwargs, queue=queue, retry=retry)
+    app.send_task(DRAIN, args=[queue], kwargs=kwargs, queue=queue, retry=retry, countdown=countdown)

@@ -290,6 +290,18 @@ def _batch_claim(queue: str) -> Update:
 
 
 _BATCH_CLAIMS: dict[str, Update] = {queue: _batch_claim(queue) for queue in EVENT_QUEUES}
+
+
+def pending_left(factory: sessionmaker[Session], queue: str) -> bool:
+    """Whether `queue` still has a pending event, locked or not: one that a claim skipped
+    because another transaction held its row (an erasure, the purge)."""
+    query = select(EVENTS.c.webhook_id).where(
+        EVENTS.c.status == EventStatus.PENDING, _of_queue(queue)
+    )
+    with factory() as session:
+        return session.execute(query.limit(1)).first() is not None
+
+
 _SETTLE = (
     update(EVENTS)
     .where(

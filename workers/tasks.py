@@ -52,6 +52,7 @@ from workers.claims import (
     apply_event,
     claim_batch,
     claim_event,
+    pending_left,
     settle_failure,
     settle_in,
 )
@@ -492,6 +493,10 @@ def drain(self: Task, queue: str, continued: bool = False) -> int:
             raise self.retry(countdown=countdown, exc=exc) from None
         if not claims:
             if flag_cleared:
+                if pending_left(factory, queue):
+                    # Rows another transaction holds (an erasure, the purge): their wake was
+                    # this drain, so look again once that transaction had time to end.
+                    send_drain(app, queue, continued=True, countdown=1.0)
                 return done
             flag_cleared = clear_wake(queue)
             if not flag_cleared:
