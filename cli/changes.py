@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from cli.dlq import _print_json, _session, _settings, _short
+from cli.common import add_common, open_session, print_json, settings_for, short
 from cli.errors import CommandError
 from shared import changes
 from shared.changes import FeedError
@@ -36,14 +36,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     listing.add_argument("--kind", choices=changes.KINDS, help="with --feed: one kind")
     listing.add_argument("--entity-id", help="with --feed: one record")
     listing.add_argument("--limit", default=str(changes.DEFAULT_LIMIT))
-    _add_common(listing)
+    add_common(listing)
     listing.set_defaults(run=cmd_list)
 
     show = actions.add_parser(
         "show", help="a delivery with every attempt (by id), or a change (by chg_ id)"
     )
     show.add_argument("ids", nargs="+", metavar="ID")
-    _add_common(show)
+    add_common(show)
     show.set_defaults(run=cmd_show)
 
     retry = actions.add_parser(
@@ -55,22 +55,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     retry.add_argument("--status", choices=[str(s) for s in DeliveryStatus])
     retry.add_argument("--since", metavar="WHEN")
     retry.add_argument("--dry-run", action="store_true", help="count what would be retried")
-    _add_common(retry)
+    add_common(retry)
     retry.set_defaults(run=cmd_retry)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON for programs")
-    parser.add_argument("--database-url", help="instead of DATABASE_URL")
-
-
 def cmd_list(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     try:
         limit = changes.parse_int(
             args.limit, "--limit", default=changes.DEFAULT_LIMIT, low=1, high=changes.MAX_LIMIT
         )
-        with _session(settings) as session:
+        with open_session(settings) as session:
             if args.feed:
                 page, next_after = changes.list_changes(
                     session, after=args.after, limit=limit, kind=args.kind, entity_id=args.entity_id
@@ -89,14 +84,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     if args.feed:
         if args.json:
-            _print_json({"changes": page, "next_after": next_after})
+            print_json({"changes": page, "next_after": next_after})
         else:
             if page:
                 print(feed_table(page))
             print(f"{len(page)} change(s); next page: --after {next_after}")
         return 0
     if args.json:
-        _print_json({"deliveries": deliveries})
+        print_json({"deliveries": deliveries})
     else:
         if deliveries:
             print(deliveries_table(deliveries))
@@ -105,10 +100,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     shown: list[dict[str, Any]] = []
     missing: list[str] = []
-    with _session(settings) as session:
+    with open_session(settings) as session:
         for identity in args.ids:
             if identity.startswith("chg_"):
                 change = changes.get_change(session, identity)
@@ -129,7 +124,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             else:
                 missing.append(identity)
     if args.json:
-        _print_json(shown)
+        print_json(shown)
     else:
         for position, item in enumerate(shown):
             if position:
@@ -141,9 +136,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     try:
-        with _session(settings) as session, session.begin():
+        with open_session(settings) as session, session.begin():
             result = changes.requeue_deliveries(
                 session,
                 dry_run=args.dry_run,
@@ -156,7 +151,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     queued = _enqueue(settings, result.requeued) if result.requeued else 0
     if args.json:
-        _print_json(
+        print_json(
             {
                 "matched": result.matched,
                 "requeued": len(result.requeued),
@@ -203,7 +198,7 @@ def deliveries_table(deliveries: list[dict[str, Any]]) -> str:
                 str(d["attempts"]),
                 str(d["last_status_code"] or "-"),
                 d["url"],
-                _short(d["last_error"]),
+                short(d["last_error"]),
             )
         )
     return _columns(rows)
@@ -219,7 +214,7 @@ def feed_table(page: list[dict[str, Any]]) -> str:
                 c["kind"],
                 c["entity_id"],
                 c["cause"]["type"],
-                _short(", ".join(c["changed"])),
+                short(", ".join(c["changed"])),
             )
         )
     return _columns(rows)
@@ -243,7 +238,7 @@ def describe(item: dict[str, Any]) -> str:
             code = attempt["status_code"] or "-"
             lines.append(
                 f"  #{attempt['attempt']} {attempt['started_at']}  {code}  "
-                f"{attempt['duration_ms']} ms  {_short(attempt['error'])}"
+                f"{attempt['duration_ms']} ms  {short(attempt['error'])}"
             )
         return "\n".join(lines)
     lines = [

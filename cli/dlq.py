@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
+from cli.common import add_common, open_session, print_json, settings_for, short
 from cli.errors import CommandError
 from shared import deadletters
 from shared.deadletters import FilterError
 from shared.models import EventStatus, WebhookEvent, isoformat
-from shared.settings import Settings, first_line, load_settings, redact_url
-
-ERROR_WIDTH = 60
+from shared.settings import Settings
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,7 +37,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     show = actions.add_parser("show", help="one or more dead events in full (headers, body)")
     show.add_argument("ids", nargs="+", metavar="WEBHOOK_ID")
-    _add_common(show)
+    add_common(show)
     show.set_defaults(run=cmd_show)
 
     retry = actions.add_parser(
@@ -58,24 +53,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     retry.set_defaults(run=cmd_retry)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON for programs")
-    parser.add_argument("--database-url", help="instead of DATABASE_URL")
-
-
 def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--type", dest="type_glob", metavar="GLOB", help="e.g. 'subscription.*'")
     parser.add_argument(
         "--since", metavar="WHEN", help="received at or after: ISO-8601 time or date, or 2h, 7d"
     )
     parser.add_argument("--until", metavar="WHEN", help="received before (same forms)")
-    _add_common(parser)
+    add_common(parser)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     filters = _filters(args)
-    with _session(settings) as session:
+    with open_session(settings) as session:
         try:
             limit = deadletters.parse_limit(args.limit)
             events = deadletters.list_dead(session, limit=limit, **filters)
@@ -83,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         except FilterError as exc:
             raise CommandError(str(exc)) from None
     if args.json:
-        _print_json({"total": total, "dead_letters": [e.summary() for e in events]})
+        print_json({"total": total, "dead_letters": [e.summary() for e in events]})
         return 0
     if events:
         print(table(events))
@@ -95,13 +85,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    with _session(settings) as session:
+    settings = settings_for(args)
+    with open_session(settings) as session:
         found = session.scalars(select(WebhookEvent).where(WebhookEvent.webhook_id.in_(args.ids)))
         events = {event.webhook_id: event for event in found}
     missing = [i for i in args.ids if i not in events]
     if args.json:
-        _print_json([events[i].detail() for i in args.ids if i in events])
+        print_json([events[i].detail() for i in args.ids if i in events])
     else:
         for position, webhook_id in enumerate(i for i in args.ids if i in events):
             if position:
@@ -113,9 +103,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     filters = _filters(args)
-    with _session(settings) as session:
+    with open_session(settings) as session:
         try:
             with session.begin():
                 result = deadletters.requeue_dead(
@@ -131,7 +121,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         result, sent, redrive_after_seconds=settings.redrive_after_seconds
     )
     if args.json:
-        _print_json(
+        print_json(
             {
                 "matched": result.matched,
                 "requeued": len(result.requeued),
@@ -173,49 +163,16 @@ def _enqueue(settings: Settings, requeued: list[tuple[str, str | None]]) -> dead
         client.close()
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings()
-    if args.database_url:
-        settings = settings.model_copy(update={"database_url": args.database_url})
-    return settings
-
-
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
     ids = getattr(args, "ids", None) or None
     return {"type_glob": args.type_glob, "since": args.since, "until": args.until, "ids": ids}
-
-
-@contextmanager
-def _session(settings: Settings) -> Iterator[Session]:
-    """A session on DATABASE_URL, or one line naming it when the database does not answer."""
-    from shared.db import make_engine
-
-    url = settings.database_url
-    try:
-        engine = make_engine(url)
-        connection = engine.connect()
-    except Exception as exc:
-        raise CommandError(
-            f"DATABASE_URL: cannot reach the database at {redact_url(url)}: {first_line(exc)}"
-        ) from None
-    try:
-        with Session(bind=connection) as session:
-            yield session
-    except DBAPIError as exc:
-        hint = ""
-        if "webhook_events" in str(exc.orig):
-            hint = " (is the schema there? run `dodo-webhooks db upgrade`)"
-        raise CommandError(f"DATABASE_URL {redact_url(url)}: {first_line(exc)}{hint}") from None
-    finally:
-        connection.close()
-        engine.dispose()
 
 
 def table(events: list[WebhookEvent]) -> str:
     rows = [("WEBHOOK_ID", "TYPE", "ATTEMPTS", "RECEIVED_AT", "LAST_ERROR")]
     for e in events:
         received = e.received_at.strftime("%Y-%m-%d %H:%M:%SZ")
-        rows.append((e.webhook_id, e.type or "-", str(e.attempts), received, _short(e.last_error)))
+        rows.append((e.webhook_id, e.type or "-", str(e.attempts), received, short(e.last_error)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
@@ -250,15 +207,3 @@ def describe(event: WebhookEvent) -> str:
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     lines.extend(f"  {line}" for line in text.splitlines())
     return "\n".join(lines)
-
-
-def _short(error: str | None) -> str:
-    if not error:
-        return "-"
-    line = error.splitlines()[0]
-    return line if len(line) <= ERROR_WIDTH else line[: ERROR_WIDTH - 1] + "…"
-
-
-def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")

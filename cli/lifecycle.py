@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import socket
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
 
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
-
+from cli.common import add_common, open_sessions, print_json, settings_for
 from cli.errors import CommandError
 from shared import lifecycle
 from shared.lifecycle import ErasureError, PurgeResult
-from shared.settings import Settings, first_line, load_settings, redact_url
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,7 +23,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "so a late duplicate is still recognised); dead letters keep theirs.",
     )
     purge.add_argument("--dry-run", action="store_true", help="count what would be purged")
-    _add_common(purge)
+    add_common(purge)
     purge.set_defaults(run=cmd_purge)
 
     erase = commands.add_parser(
@@ -44,21 +37,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     erase.add_argument("customer_id", metavar="CUS_ID")
     erase.add_argument("--dry-run", action="store_true", help="count what would be erased")
-    _add_common(erase)
+    add_common(erase)
     erase.set_defaults(run=cmd_erase_customer)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON for programs")
-    parser.add_argument("--database-url", help="instead of DATABASE_URL")
-
-
 def cmd_purge(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     if settings.retention_days <= 0:
         result = PurgeResult(settings.retention_days, None, args.dry_run)
     else:
-        with _sessions(settings) as factory:
+        with open_sessions(settings) as factory:
             result = lifecycle.purge(
                 factory,
                 retention_days=settings.retention_days,
@@ -70,7 +58,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         if not args.json and sys.stderr.isatty() and result.events:
             sys.stderr.write("\n")
     if args.json:
-        _print_json(result.as_json())
+        print_json(result.as_json())
         return 0
     if result.cutoff is None:
         print("retention is off (RETENTION_DAYS=0): every raw body is kept; nothing purged")
@@ -98,11 +86,11 @@ def _purge_progress(result: PurgeResult) -> None:
 
 
 def cmd_erase_customer(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_for(args)
     who = f"cli:{getpass.getuser()}@{socket.gethostname()}"
     try:
         customer_id = lifecycle.check_customer_id(args.customer_id)
-        with _sessions(settings) as factory:
+        with open_sessions(settings) as factory:
             if sys.stderr.isatty() and not args.json:
                 sys.stderr.write(f"searching the events of {customer_id}…\n")
             result = lifecycle.erase_customer(
@@ -111,7 +99,7 @@ def cmd_erase_customer(args: argparse.Namespace) -> int:
     except ErasureError as exc:
         raise CommandError(str(exc)) from None
     if args.json:
-        _print_json(result.as_json())
+        print_json(result.as_json())
         return 0
     rows = [("TABLE", "ROWS", "WOULD CHANGE" if args.dry_run else "CHANGED")]
     rows += [(name, str(c.rows), str(c.changed)) for name, c in result.counts.items()]
@@ -143,40 +131,3 @@ def human_bytes(count: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings()
-    if args.database_url:
-        settings = settings.model_copy(update={"database_url": args.database_url})
-    return settings
-
-
-@contextmanager
-def _sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on DATABASE_URL, or one line naming it when the database does not answer."""
-    from shared.db import make_engine, make_sessionmaker
-
-    url = settings.database_url
-    try:
-        engine = make_engine(url)
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        raise CommandError(
-            f"DATABASE_URL: cannot reach the database at {redact_url(url)}: {first_line(exc)}"
-        ) from None
-    try:
-        yield make_sessionmaker(engine)
-    except DBAPIError as exc:
-        hint = ""
-        if "does not exist" in str(exc.orig) or "no such" in str(exc.orig):
-            hint = " (is the schema up to date? run `dodo-webhooks db upgrade`)"
-        raise CommandError(f"DATABASE_URL {redact_url(url)}: {first_line(exc)}{hint}") from None
-    finally:
-        engine.dispose()
-
-
-def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from cli.common import add_common, open_sessions, settings_for
 from cli.errors import CommandError
 from shared.reconcile import (
     FAMILIES,
@@ -20,10 +21,12 @@ from shared.reconcile import (
     parse_since,
     reconcile,
 )
-from shared.settings import Settings, first_line, load_settings, redact_url
+from shared.settings import Settings
 
 # Differences printed for people; --json has them all.
 SHOWN_DIFFERENCES = 50
+# Before the first call to Dodo's API: the database answers, and has the schema.
+SCHEMA_PROBE = "SELECT 1 FROM webhook_events LIMIT 1"
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,21 +48,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--dry-run", action="store_true", help="show the differences; write and queue nothing"
     )
-    parser.add_argument("--json", action="store_true", help="print JSON for programs")
-    parser.add_argument("--database-url", help="instead of DATABASE_URL")
+    add_common(parser)
     parser.set_defaults(run=cmd_reconcile)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    if args.database_url:
-        settings = settings.model_copy(update={"database_url": args.database_url})
+    settings = settings_for(args)
     try:
         families = parse_families(args.family)
         since = parse_since(args.since)
     except ReconcileError as exc:
         raise CommandError(str(exc)) from None
-    with _database(settings) as sessions, _queue(settings, args.dry_run) as enqueue:
+    with (
+        open_sessions(settings, probe=SCHEMA_PROBE) as sessions,
+        _queue(settings, args.dry_run) as enqueue,
+    ):
         # Bars for a person at a terminal; a pipe or a log gets the table only.
         progress: Progress = _Bars() if sys.stderr.isatty() and not args.json else Progress()
         try:
@@ -181,28 +184,6 @@ class _Bars(Progress):
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-@contextmanager
-def _database(settings: Settings) -> Iterator[Any]:
-    from sqlalchemy import text
-
-    from shared.db import make_engine, make_sessionmaker
-
-    url = settings.database_url
-    try:
-        engine = make_engine(url)
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1 FROM webhook_events LIMIT 1"))
-    except Exception as exc:
-        raise CommandError(
-            f"DATABASE_URL: cannot use the database at {redact_url(url)}: {first_line(exc)} "
-            "(is it up, and migrated with `dodo-webhooks db upgrade`?)"
-        ) from None
-    try:
-        yield make_sessionmaker(engine)
-    finally:
-        engine.dispose()
 
 
 @contextmanager
