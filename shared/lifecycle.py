@@ -55,6 +55,10 @@ from shared.models import (
 
 PURGED_EVENTS = "purged_events"
 PURGED_BYTES = "purged_bytes"
+# After each batch the purge pauses at least this many times as long as the batch took
+# (as pt-archiver's --sleep-coef): on a busy host a batch takes longer, and the purge then
+# backs off with it, keeping to at most a third of its connection's time.
+PAUSE_PER_BATCH_SECOND = 2.0
 
 
 @dataclass
@@ -206,7 +210,8 @@ def purge(
     `retention_days`, one short transaction per batch, until none is left (or `run_seconds`
     have passed: the next run carries on). Dead letters, pending and retrying events keep
     theirs; every row and its `webhook_id` stay, so a late duplicate is still recognised.
-    `pause_seconds` between batches leaves the database to the ingest and the workers.
+    `pause_seconds` between batches leaves the database to the ingest and the workers; the
+    pause grows to `PAUSE_PER_BATCH_SECOND` times the batch's own time when that is longer.
     """
     cutoff = purge_cutoff(retention_days)
     result = PurgeResult(retention_days, cutoff, dry_run)
@@ -233,8 +238,10 @@ def purge(
     deadline = None if run_seconds is None else time.monotonic() + run_seconds
     reached: datetime | None = None
     while True:
+        started = time.monotonic()
         with transaction(factory) as session:
             batch = purge_batch(session, cutoff, batch_size, reached)
+        took = time.monotonic() - started
         reached = batch.reached
         result.events += batch.events
         result.bytes += batch.bytes
@@ -249,7 +256,7 @@ def purge(
             result.complete = False
             return result
         if pause_seconds:
-            time.sleep(pause_seconds)
+            time.sleep(max(pause_seconds, took * PAUSE_PER_BATCH_SECOND))
 
 
 def lifecycle_totals(session: Session) -> dict[str, int]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
+from shared import lifecycle
 from shared.db import make_sessionmaker, utcnow
 from shared.lifecycle import (
     ERASED_TEXT,
@@ -290,6 +292,36 @@ class TestPurge:
         backdate(clean_db, ids, days=40)
         result = purge(make_sessionmaker(clean_db), retention_days=30, batch_size=2, run_seconds=0)
         assert (result.events, result.complete) == (2, False)
+
+    @pytest.mark.parametrize(("batch_seconds", "pause"), [(0.01, 0.1), (0.3, 0.6)])
+    def test_the_pause_after_a_batch_grows_with_the_batchs_own_time(
+        self, clean_db: Engine, monkeypatch: pytest.MonkeyPatch, batch_seconds: float, pause: float
+    ) -> None:
+        """On a busy host a batch takes longer; the purge then backs off with it."""
+        feed = Feed(clean_db)
+        ids = [
+            feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"p{n}"))
+            for n in range(5)
+        ]
+        with clean_db.begin() as conn:
+            conn.execute(update(WebhookEvent).values(status=EventStatus.PROCESSED))
+        backdate(clean_db, ids, days=40)
+        clock, pauses = [0.0], []
+        real_batch = lifecycle.purge_batch
+
+        def timed_batch(*args: Any, **kwargs: Any) -> Any:
+            clock[0] += batch_seconds
+            return real_batch(*args, **kwargs)
+
+        monkeypatch.setattr(lifecycle, "purge_batch", timed_batch)
+        monkeypatch.setattr(
+            lifecycle, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=pauses.append)
+        )
+        result = purge(
+            make_sessionmaker(clean_db), retention_days=30, batch_size=2, pause_seconds=0.1
+        )
+        assert result.events == 5
+        assert pauses == pytest.approx([pause, pause])
 
 
 def erase(engine: Engine, customer_id: str, **kwargs: Any) -> Any:
