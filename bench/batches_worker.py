@@ -34,8 +34,8 @@ from workers.tasks import database, settings
 FLUSH_EVERY: Final = settings.drain_batch_size
 # The lower end of 0.1-0.25 s: what a message waits at low rates for a batch that never
 # fills (up to FLUSH_INTERVAL, half of it on average). A backlog fills batches by count
-# long before, so the throughput does not depend on it. BENCH_BATCHES_FLUSH_INTERVAL
-# overrides it for an experiment.
+# only if the main process consumes more than FLUSH_EVERY / FLUSH_INTERVAL messages/s (the
+# smoke runs: 275-554/s, so half-full batches). BENCH_BATCHES_FLUSH_INTERVAL overrides it.
 FLUSH_INTERVAL: Final = float(os.environ.get("BENCH_BATCHES_FLUSH_INTERVAL", "0.1"))
 PREFETCH_MULTIPLIER: Final = 2
 
