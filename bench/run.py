@@ -541,14 +541,26 @@ def floor_done(svc: Services) -> Callable[[], bool]:
 
 
 def drain(
-    cfg: Config, svc: Services, kind: str, workers: int, n: int, done: Callable[[], bool]
+    cfg: Config,
+    svc: Services,
+    kind: str,
+    workers: int,
+    n: int,
+    done: Callable[[], bool],
+    *,
+    app: str | None = None,
 ) -> dict[str, Any]:
-    app = "workers" if kind == "product" else "bench.floor_celery"
+    """Start `celery -A <app> worker -c W` on what is queued; time it until `done()`.
+
+    `app`: the product's (`workers`) for kind "product", the floor's otherwise, unless given
+    (bench/batches.py drains with celery-batches)."""
+    app = app or ("workers" if kind == "product" else "bench.floor_celery")
     name = f"{kind}-{workers}w-{svc.serial}"
     with stack.celery_worker(app, workers, svc.env(), svc.log_dir, name) as proc:
         started = time.monotonic()
         processes = [proc.pid, *stack.children(proc.pid)]
         cpu_before, pg_before = stack.cpu_seconds(processes), stack.postgres_cpu_seconds()
+        main_before = stack.cpu_seconds([proc.pid])
         deadline = started + max(300.0, n / 5)
         finished = None
         while time.monotonic() < deadline:
@@ -557,6 +569,7 @@ def drain(
                 break
             time.sleep(0.1)
         cpu_used = stack.cpu_seconds(processes) - cpu_before
+        main_used = stack.cpu_seconds([proc.pid]) - main_before
         pg_used = stack.postgres_cpu_seconds() - pg_before
         pool = stack.children(proc.pid)
         rss = {
@@ -571,6 +584,8 @@ def drain(
         "events_per_s": n / elapsed if finished else float("nan"),
         # Celery main process and pool children; the database's own CPU is not in it.
         "worker_cpu_ms_per_event": 1000 * cpu_used / n,
+        # Its share in the main process: consuming, acknowledging, handing tasks to the pool.
+        "main_cpu_ms_per_event": 1000 * main_used / n,
         # The database's, its polling by this bench included (product only).
         "postgres_cpu_ms_per_event": 1000 * pg_used / n,
         "peak_rss": rss,

@@ -11,6 +11,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from sqlalchemy import Engine, select
 
 from bench import stack
 from bench.deliveries import event_mix, signed_deliveries
@@ -18,6 +21,8 @@ from bench.profile import INGEST_STEPS, attribute
 from bench.run import spread
 from ingest.verify import Verifier
 from shared.catalog import HANDLED_TYPES
+from shared.db import make_sessionmaker
+from shared.models import EventStatus, WebhookEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,3 +198,62 @@ class TestPurgeBench:
         assert report["bodies_left_after"] == 40 + 20
         assert is_number(report["erasure_of_one_customer_with_20_events"]["real_s"])
         assert "erase-customer" in done.stdout
+
+
+class TestCeleryBatchesApply:
+    """bench/batches_apply.py, the body of the celery-batches task of `make bench-batches`.
+
+    Runs in process on real PostgreSQL, and needs neither the `bench` extra nor a worker:
+    celery-batches only decides which messages make a batch; this is what a batch does.
+    """
+
+    def recorded(self, engine: Engine, n: int) -> list[str]:
+        from bench.run import record
+
+        deliveries = list(signed_deliveries(n, "whsec_" + "A" * 32, run="cb"))
+        record(SimpleNamespace(engine=engine), deliveries)  # type: ignore[arg-type]
+        return [d.webhook_id for d in deliveries]
+
+    def states(self, engine: Engine) -> dict[str, tuple[str, int, str | None]]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    WebhookEvent.webhook_id,
+                    WebhookEvent.status,
+                    WebhookEvent.attempts,
+                    WebhookEvent.type,
+                )
+            )
+            return {wid: (str(status), attempts, type_) for wid, status, attempts, type_ in rows}
+
+    def test_applies_exactly_the_events_its_messages_name_each_in_one_attempt(
+        self, clean_db: Engine
+    ) -> None:
+        from bench.batches_apply import apply_messages
+        from workers.handlers import ROUTES
+        from workers.tasks import drain
+
+        ids = self.recorded(clean_db, 12)
+        named = ids[:10]
+        finished = apply_messages(drain, make_sessionmaker(clean_db), named, 300)
+
+        assert finished == 10
+        states = self.states(clean_db)
+        for webhook_id in named:
+            status, attempts, event_type = states[webhook_id]
+            expected = "processed" if event_type in ROUTES else "ignored"
+            assert (status, attempts) == (expected, 1), webhook_id
+        for webhook_id in ids[10:]:
+            assert states[webhook_id][:2] == (str(EventStatus.PENDING), 0)
+
+    def test_a_batch_delivered_again_claims_nothing_and_counts_no_attempt(
+        self, clean_db: Engine
+    ) -> None:
+        from bench.batches_apply import apply_messages
+        from workers.tasks import drain
+
+        ids = self.recorded(clean_db, 5)
+        factory = make_sessionmaker(clean_db)
+        assert apply_messages(drain, factory, ids, 300) == 5
+        assert apply_messages(drain, factory, ids, 300) == 0
+        assert {attempts for _, attempts, _ in self.states(clean_db).values()} == {1}
