@@ -1,12 +1,17 @@
 """The retention purge over a large table, and the ingest's latency while it runs.
 
-    python -m bench.purge [--rows 1000000] [--rate 200] [--duration 30] [--reps 2]
+    python -m bench.purge [--rows 1000000] [--rate 100] [--window 20] [--baseline 5]
 
 Seeds `--rows` processed events older than RETENTION_DAYS (a realistic payment body each),
-then, per repetition, offers the ingest the same fixed rate twice: once alone, once while
-`shared.lifecycle.purge` runs (as `dodo-webhooks purge` and beat's task do), and times the
-purge. Latency is the open-loop generator's (bench/loadgen.py): from each request's scheduled
-send time to its answer. Writes bench/results/purge.json and prints a table.
+starts the ingest (gunicorn, the product's app) and offers it a fixed rate, open loop
+(bench/loadgen.py: latency from each request's scheduled send time), in windows of
+`--window` seconds: first `--baseline` windows with nothing else running, then windows
+that alternate between the purge running (`shared.lifecycle.purge` with `run_seconds`, as
+beat's task runs it) and the purge stopped, until the purge is done, then `--baseline`
+windows again. The ingest's p50 and p99 of each window during the purge are set against
+the spread of the windows before it: that spread is the noise. Per window it also counts
+PostgreSQL's checkpoints and autovacuum runs of `webhook_events`. Writes
+bench/results/purge.json and prints a table.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +38,7 @@ from shared.db import make_engine, make_sessionmaker
 from shared.lifecycle import PurgeResult, erase_customer, purge
 from shared.models import WebhookEvent
 
-RESULTS = stack.ROOT / "bench" / "results" / "purge-pause-0.25.json"
+RESULTS = stack.ROOT / "bench" / "results" / "purge.json"
 RETENTION_DAYS = 30
 
 
@@ -125,28 +131,6 @@ def offered_load(port: int, secret: str, rate: int, duration: float, work: Path,
     return json.loads(done.stdout)
 
 
-def reset_purge(engine: Engine) -> None:
-    """Give the seeded rows their bodies back between repetitions (a fresh table is slower
-    to build than this)."""
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                """
-                UPDATE webhook_events
-                SET body = convert_to(replace(:body, 'XID', substr(webhook_id, 10)), 'UTF8'),
-                    headers = replace(:headers, 'XID', substr(webhook_id, 10))::json,
-                    purged_at = NULL
-                WHERE webhook_id LIKE 'msg_seed_%'
-                """
-            ),
-            {"body": TEMPLATE, "headers": HEADERS},
-        )
-        conn.execute(text("DELETE FROM lifecycle_counters"))
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE webhook_events"))
-    checkpoint(engine)
-
-
 def checkpoint(engine: Engine) -> None:
     """Write out what seeding left dirty now, not in the middle of a measurement: the
     checkpoints its WAL would force stall every commit, the ingest's included."""
@@ -155,21 +139,120 @@ def checkpoint(engine: Engine) -> None:
     time.sleep(5)
 
 
+def database_counters(engine: Engine) -> dict[str, int]:
+    """Checkpoints (timed and requested) and autovacuum runs of `webhook_events` so far."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+        checkpoints = conn.execute(
+            text("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+        ).scalar_one()
+        vacuums = conn.execute(
+            text(
+                "SELECT autovacuum_count FROM pg_stat_user_tables WHERE relname = 'webhook_events'"
+            )
+        ).scalar_one()
+    return {"checkpoints": int(checkpoints), "autovacuums": int(vacuums)}
+
+
+def window(
+    engine: Engine, port: int, secret: str, args: argparse.Namespace, work: Path, name: str
+) -> dict[str, Any]:
+    before = database_counters(engine)
+    load = offered_load(port, secret, args.rate, args.window, work, name)
+    after = database_counters(engine)
+    return {
+        "latency_ms": load["latency_ms"],
+        "statuses": load["statuses"],
+        **{key: after[key] - before[key] for key in after},
+    }
+
+
+def purge_window(
+    engine: Engine, port: int, secret: str, args: argparse.Namespace, work: Path, name: str
+) -> dict[str, Any]:
+    """One window of load while the purge runs for that long (beat's task does the same with
+    PURGE_RUN_SECONDS), then the purge's share of it."""
+    result: list[PurgeResult] = []
+    took: list[float] = []
+
+    def run() -> None:
+        started = time.monotonic()
+        result.append(
+            purge(
+                make_sessionmaker(engine),
+                retention_days=RETENTION_DAYS,
+                batch_size=args.batch_size,
+                pause_seconds=args.pause,
+                run_seconds=args.window,
+            )
+        )
+        took.append(time.monotonic() - started)
+
+    purger = threading.Thread(target=run)
+    purger.start()
+    measured = window(engine, port, secret, args, work, name)
+    purger.join()
+    return {
+        **measured,
+        "purge_seconds": round(took[0], 2),
+        "purged_events": result[0].events,
+        "purged_bytes": result[0].bytes,
+        "purge_complete": result[0].complete,
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per kind of window, the median [min-max] of the windows' p50 and p99; the verdict
+    compares the purge windows' median with the range of the windows before the purge."""
+    kinds: dict[str, Any] = {}
+    for kind in ("before", "during", "between", "after"):
+        chosen = [w for w in windows if w["kind"] == kind]
+        if chosen:
+            kinds[kind] = {
+                "windows": len(chosen),
+                **{q: spread([w["latency_ms"][q] for w in chosen]) for q in ("p50", "p90", "p99")},
+                "checkpoints": sum(w["checkpoints"] for w in chosen),
+                "autovacuums": sum(w["autovacuums"] for w in chosen),
+            }
+    verdict = {}
+    if "before" in kinds and "during" in kinds:
+        for q in ("p50", "p99"):
+            noise, during = kinds["before"][q], kinds["during"][q]
+            verdict[q] = {
+                "during_median": during["median"],
+                "noise_range": [noise["min"], noise["max"]],
+                "within_noise": noise["min"] <= during["median"] <= noise["max"],
+                "during_minus_before_median": round(during["median"] - noise["median"], 2),
+            }
+    return {"kinds": kinds, "verdict": verdict}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--rate", type=int, default=200, help="ingest requests per second")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--rate", type=int, default=100, help="ingest requests per second")
+    parser.add_argument("--window", type=float, default=20.0, help="seconds per window")
+    parser.add_argument(
+        "--baseline", type=int, default=5, help="windows before (and after) the purge"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=500, help="PURGE_BATCH_SIZE")
     parser.add_argument(
         "--pause", type=float, default=0.25, help="PURGE_PAUSE_SECONDS: seconds between batches"
     )
+    parser.add_argument("--no-erasure", action="store_true", help="skip the erasure timing")
     args = parser.parse_args(argv)
 
     secret = new_secret()
-    runs: list[dict[str, Any]] = []
+    windows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-purge-") as tmp,
         stack.bench_database() as db_url,
@@ -179,13 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(db_url)
         began = time.monotonic()
         table_bytes = seed(engine, args.rows)
-        print(
-            f"seeded {args.rows} rows ({table_bytes / 1e6:.0f} MB) in "
-            f"{time.monotonic() - began:.0f}s",
-            file=sys.stderr,
-        )
-        erasure = time_erasure(engine)
-        print(f"erasure: {erasure}", file=sys.stderr)
+        progress(f"seeded {args.rows} rows ({table_bytes / 1e6:.0f} MB)", began)
+        erasure = None if args.no_erasure else time_erasure(engine)
+        if erasure:
+            progress(f"erasure: {erasure}", began)
+        checkpoint(engine)
         env = {
             "DATABASE_URL": db_url,
             "REDIS_URL": redis_url,
@@ -195,41 +276,37 @@ def main(argv: list[str] | None = None) -> int:
         }
         with stack.gunicorn("ingest:create_app()", env, work, "ingest") as ingest:
             port: int = ingest.port  # type: ignore[attr-defined]
-            for rep in range(args.reps):
-                if rep:
-                    reset_purge(engine)
-                alone = offered_load(port, secret, args.rate, args.duration, work, f"a{rep}")
-                result: list[PurgeResult] = []
-                took: list[float] = []
 
-                def run_purge(result: list[PurgeResult], took: list[float]) -> None:
-                    started = time.monotonic()
-                    result.append(
-                        purge(
-                            make_sessionmaker(engine),
-                            retention_days=RETENTION_DAYS,
-                            batch_size=args.batch_size,
-                            pause_seconds=args.pause,
-                        )
-                    )
-                    took.append(time.monotonic() - started)
-
-                purger = threading.Thread(target=run_purge, args=(result, took))
-                purger.start()
-                during = offered_load(port, secret, args.rate, args.duration, work, f"p{rep}")
-                overlapped = purger.is_alive()
-                purger.join()
-                runs.append(
-                    {
-                        "alone": alone,
-                        "during_purge": during,
-                        "purge_overlapped_whole_load": overlapped,
-                        "purge_seconds": round(took[0], 1),
-                        "purged_events": result[0].events,
-                        "purged_bytes": result[0].bytes,
-                    }
+            def add(kind: str, measured: dict[str, Any]) -> dict[str, Any]:
+                windows.append({"kind": kind, **measured})
+                lat = measured["latency_ms"]
+                extra = ""
+                if "purged_events" in measured:
+                    extra = f", purged {measured['purged_events']}"
+                progress(
+                    f"window {len(windows)} {kind}: p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} ms"
+                    f", {measured['checkpoints']} checkpoint(s){extra}",
+                    began,
                 )
-                print(json.dumps(runs[-1]), file=sys.stderr)
+                return measured
+
+            for _ in range(args.baseline):
+                add("before", window(engine, port, secret, args, work, f"w{len(windows)}"))
+            purge_started = time.monotonic()
+            purged = {"events": 0, "bytes": 0, "seconds": 0.0}
+            while True:
+                done = add(
+                    "during", purge_window(engine, port, secret, args, work, f"w{len(windows)}")
+                )
+                purged["events"] += done["purged_events"]
+                purged["bytes"] += done["purged_bytes"]
+                purged["seconds"] += done["purge_seconds"]
+                if done["purge_complete"]:
+                    break
+                add("between", window(engine, port, secret, args, work, f"w{len(windows)}"))
+            purge_wall = time.monotonic() - purge_started
+            for _ in range(args.baseline):
+                add("after", window(engine, port, secret, args, work, f"w{len(windows)}"))
         with engine.connect() as conn:
             left = conn.execute(
                 select(func.count()).where(WebhookEvent.body.is_not(None))
@@ -242,37 +319,61 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "pause_seconds": args.pause,
         "rate": args.rate,
-        "duration_s": args.duration,
+        "window_s": args.window,
         "cpus": len(os.sched_getaffinity(0)),
+        "load_average": os.getloadavg(),
         "bodies_left_after": int(left),
+        "purge": {
+            **purged,
+            "seconds": round(purged["seconds"], 1),
+            "wall_seconds_with_stops": round(purge_wall, 1),
+            "rows_per_second": round(purged["events"] / max(purged["seconds"], 1e-9)),
+        },
         "erasure_of_one_customer_with_20_events": erasure,
-        "runs": runs,
+        **summarize(windows),
+        "windows": windows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     return 0
 
 
+def progress(message: str, began: float) -> None:
+    print(f"[purge {time.monotonic() - began:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 def table(report: dict[str, Any]) -> str:
+    purged = report["purge"]
     lines = [
         f"purge of {report['rows']} rows, {report['batch_size']} a transaction, "
-        f"{report['pause_seconds']}s pause; ingest offered "
-        f"{report['rate']}/s for {report['duration_s']:.0f}s",
-        "REP  PURGE_S  ROWS/S   MB     LATENCY p50/p90/p99 ms alone   during purge",
+        f"{report['pause_seconds']}s pause: {purged['seconds']:.0f} s of purging, "
+        f"{purged['rows_per_second']} rows/s, {purged['bytes'] / 1e6:.0f} MB",
+        f"ingest offered {report['rate']}/s in windows of {report['window_s']:.0f} s; "
+        "per window p50 / p99, median [min-max] over the windows",
+        "WINDOWS        N   p50 ms                 p99 ms                 CHECKPOINTS  AUTOVACUUMS",
     ]
-    for rep, run in enumerate(report["runs"]):
-        a, d = run["alone"]["latency_ms"], run["during_purge"]["latency_ms"]
-        rate = run["purged_events"] / max(run["purge_seconds"], 1e-9)
+    for kind, row in report["kinds"].items():
+        cells = [
+            f"{row[q]['median']:.1f} [{row[q]['min']:.1f}-{row[q]['max']:.1f}]"
+            for q in ("p50", "p99")
+        ]
         lines.append(
-            f"{rep:<4} {run['purge_seconds']:<8} {rate:<8.0f} {run['purged_bytes'] / 1e6:<6.0f} "
-            f"{a['p50']:.1f}/{a['p90']:.1f}/{a['p99']:.1f}".ljust(60)
-            + f"{d['p50']:.1f}/{d['p90']:.1f}/{d['p99']:.1f}"
+            f"{kind:<14} {row['windows']:<3} {cells[0]:<22} {cells[1]:<22} "
+            f"{row['checkpoints']:<12} {row['autovacuums']}"
+        )
+    for q, verdict in report["verdict"].items():
+        low, high = verdict["noise_range"]
+        lines.append(
+            f"{q} during the purge: {verdict['during_median']:.1f} ms against "
+            f"{low:.1f}-{high:.1f} before: "
+            + ("within noise" if verdict["within_noise"] else "OUTSIDE the noise")
         )
     erasure = report["erasure_of_one_customer_with_20_events"]
-    lines.append(
-        f"erase-customer (20 events among {report['rows']} bodies): dry run "
-        f"{erasure['dry_run_s']}s, real {erasure['real_s']}s"
-    )
+    if erasure:
+        lines.append(
+            f"erase-customer (20 events among {report['rows']} bodies): dry run "
+            f"{erasure['dry_run_s']}s, real {erasure['real_s']}s"
+        )
     return "\n".join(lines)
 
 
