@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -59,3 +60,32 @@ def event_sort_key(
 ) -> tuple[datetime, int, str]:
     """Occurrence order: envelope timestamp, then `webhook-timestamp`, then `webhook-id`."""
     return (event_at, webhook_ts, webhook_id)
+
+
+def customer_of_data(data: Any) -> str | None:
+    """The customer an event's `data` is about: `customer.customer_id` or `customer_id`."""
+    if not isinstance(data, dict):
+        return None
+    customer = data.get("customer")
+    if isinstance(customer, dict) and isinstance(customer.get("customer_id"), str):
+        return str(customer["customer_id"])
+    found = data.get("customer_id")
+    return found if isinstance(found, str) else None
+
+
+def payment_of(envelope: Mapping[str, Any] | None) -> str | None:
+    """The payment an event makes a customer's: a payment event's own, or that of an event
+    that names no customer (a dispute). Others (a subscription's latest payment) are not
+    trusted to say whose a payment is."""
+    if not envelope:
+        return None
+    return payment_of_data(str(envelope.get("type", "")), envelope.get("data"))
+
+
+def payment_of_data(event_type: str, data: Any) -> str | None:
+    """`payment_of` for an envelope already taken apart (the ingest's `EnvelopeHead`)."""
+    if not isinstance(data, dict) or not isinstance(data.get("payment_id"), str):
+        return None
+    if event_type.startswith("payment.") or customer_of_data(data) is None:
+        return str(data["payment_id"])
+    return None

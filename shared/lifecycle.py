@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import dialect_insert, transaction, utcnow
+from shared.envelope import customer_of_data, payment_of
 from shared.models import (
     PURGEABLE,
     Base,
@@ -386,17 +387,6 @@ def _erase(value: Any, strings: Sequence[str]) -> Any:
     return value
 
 
-def customer_of_data(data: Any) -> str | None:
-    """The customer an event's `data` is about: `customer.customer_id` or `customer_id`."""
-    if not isinstance(data, dict):
-        return None
-    customer = data.get("customer")
-    if isinstance(customer, dict) and isinstance(customer.get("customer_id"), str):
-        return str(customer["customer_id"])
-    found = data.get("customer_id")
-    return found if isinstance(found, str) else None
-
-
 def load_body(body: bytes | None) -> dict[str, Any] | None:
     if not body:
         return None
@@ -405,19 +395,6 @@ def load_body(body: bytes | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return parsed if isinstance(parsed, dict) else None
-
-
-def payment_of(envelope: dict[str, Any] | None) -> str | None:
-    """The payment an event makes a customer's: a payment event's own, or that of an event
-    that names no customer (a dispute). Others (a subscription's latest payment) are not
-    trusted to say whose a payment is."""
-    data = envelope.get("data") if envelope else None
-    if not isinstance(data, dict) or not isinstance(data.get("payment_id"), str):
-        return None
-    kind = str(envelope.get("type", "")) if envelope else ""
-    if kind.startswith("payment.") or customer_of_data(data) is None:
-        return str(data["payment_id"])
-    return None
 
 
 def customer_in_body(body: bytes | None) -> str | None:
