@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ingest.perthread import PerThread
 from shared.db import insert_once, utcnow
+from shared.envelope import NO_SUBJECTS, Subjects
 from shared.models import EventStatus, WebhookEvent
 
 # The row's columns, in the order of the PostgreSQL statement's placeholders.
@@ -30,6 +31,8 @@ COLUMNS = (
     "event_at",
     "received_at",
     "enqueued_at",
+    "customer_id",
+    "payment_id",
 )
 # Prepared once per connection; `$6`, the body, goes as binary bytea, not hex-escaped text.
 _PG_INSERT = (
@@ -50,8 +53,12 @@ def delivery_row(
     event_type: str | None,
     event_at: datetime | None,
     dead_reason: str | None = None,
+    subjects: Subjects = NO_SUBJECTS,
 ) -> dict[str, Any]:
-    """The `webhook_events` row of a new delivery: pending and queued, or dead on arrival."""
+    """The `webhook_events` row of a new delivery: pending and queued, or dead on arrival.
+
+    `subjects`: whose it is, from the envelope the route parsed (`event_subjects`); without
+    them the erasure finds the event by scanning its body instead of by index."""
     now = utcnow()
     return {
         "webhook_id": webhook_id,
@@ -65,6 +72,8 @@ def delivery_row(
         "event_at": event_at,
         "received_at": now,
         "enqueued_at": None if dead_reason else now,
+        "customer_id": subjects.customer_id,
+        "payment_id": subjects.payment_id,
     }
 
 

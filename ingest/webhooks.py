@@ -11,7 +11,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from ingest.state import state
 from ingest.verify import Rejection
-from shared.envelope import EnvelopeError, read_envelope_head
+from shared.envelope import NO_SUBJECTS, EnvelopeError, event_subjects, read_envelope_head
 from shared.logs import get_logger, log_step
 
 bp = Blueprint("webhooks", __name__)
@@ -38,10 +38,12 @@ def receive() -> tuple[Response, int]:
         )
         return jsonify(error=rejection.reason), rejection.status
 
-    event_type, event_at, dead_reason = None, None, None
+    event_type, event_at, dead_reason, subjects = None, None, None, NO_SUBJECTS
     try:
         head = read_envelope_head(body)
         event_type, event_at = head.type, head.timestamp
+        # From the `data` just parsed: whose the event is, for an erasure to find it by.
+        subjects = event_subjects(head.type, head.data)
     except EnvelopeError as exc:
         # Signed by Dodo, so kept: it goes dead with the reason, for an operator to look at.
         dead_reason = str(exc)
@@ -55,6 +57,7 @@ def receive() -> tuple[Response, int]:
             event_type=event_type,
             event_at=event_at,
             dead_reason=dead_reason,
+            subjects=subjects,
         )
     except Exception:
         metrics.record_failures.inc()

@@ -1,10 +1,11 @@
-"""The envelope every Dodo event shares, read cheaply by the ingest to route and order it."""
+"""The envelope every Dodo event shares, read once by the ingest to route, order and file it."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, ValidationError
 
@@ -59,3 +60,63 @@ def event_sort_key(
 ) -> tuple[datetime, int, str]:
     """Occurrence order: envelope timestamp, then `webhook-timestamp`, then `webhook-id`."""
     return (event_at, webhook_ts, webhook_id)
+
+
+def customer_of_data(data: Any) -> str | None:
+    """The customer an event's `data` is about: `customer.customer_id` or `customer_id`."""
+    if not isinstance(data, dict):
+        return None
+    customer = data.get("customer")
+    if isinstance(customer, dict) and isinstance(customer.get("customer_id"), str):
+        return str(customer["customer_id"])
+    found = data.get("customer_id")
+    return found if isinstance(found, str) else None
+
+
+def payment_of(envelope: Mapping[str, Any] | None) -> str | None:
+    """The payment an event makes a customer's: a payment event's own, or that of an event
+    that names no customer (a dispute). Others (a subscription's latest payment) are not
+    trusted to say whose a payment is."""
+    if not envelope:
+        return None
+    return payment_of_data(str(envelope.get("type", "")), envelope.get("data"))
+
+
+def payment_of_data(event_type: str, data: Any) -> str | None:
+    """`payment_of` for an envelope already taken apart (the ingest's `EnvelopeHead`)."""
+    if not isinstance(data, dict) or not isinstance(data.get("payment_id"), str):
+        return None
+    if event_type.startswith("payment.") or customer_of_data(data) is None:
+        return str(data["payment_id"])
+    return None
+
+
+# The width of `webhook_events.customer_id` and `.payment_id`.
+SUBJECT_MAX = 255
+
+
+class Subjects(NamedTuple):
+    """Whose an event is, as `webhook_events` keeps it for the erasure to find it by index:
+    its customer, and the payment it makes that customer's. None where the event names none,
+    or one that does not fit the column: such an event is found by the erasure's scan."""
+
+    customer_id: str | None
+    payment_id: str | None
+
+
+NO_SUBJECTS = Subjects(None, None)
+
+
+def event_subjects(event_type: str, data: Any) -> Subjects:
+    return Subjects(_fits(customer_of_data(data)), _fits(payment_of_data(event_type, data)))
+
+
+def _fits(value: str | None) -> str | None:
+    # A NUL or a lone surrogate (both valid JSON escapes) would fail the ingest's INSERT.
+    if value is None or len(value) > SUBJECT_MAX or "\x00" in value:
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return None
+    return value

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
+from itertools import chain
 from typing import Any, cast
 
 from psycopg.errors import DeadlockDetected, SerializationFailure
@@ -33,8 +34,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import dialect_insert, transaction, utcnow
+from shared.envelope import customer_of_data, payment_of
 from shared.models import (
     PURGEABLE,
+    UNATTRIBUTED,
     Base,
     Change,
     CreditEntry,
@@ -393,17 +396,6 @@ def _erase(value: Any, strings: Sequence[str]) -> Any:
     return value
 
 
-def customer_of_data(data: Any) -> str | None:
-    """The customer an event's `data` is about: `customer.customer_id` or `customer_id`."""
-    if not isinstance(data, dict):
-        return None
-    customer = data.get("customer")
-    if isinstance(customer, dict) and isinstance(customer.get("customer_id"), str):
-        return str(customer["customer_id"])
-    found = data.get("customer_id")
-    return found if isinstance(found, str) else None
-
-
 def load_body(body: bytes | None) -> dict[str, Any] | None:
     if not body:
         return None
@@ -412,19 +404,6 @@ def load_body(body: bytes | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return parsed if isinstance(parsed, dict) else None
-
-
-def payment_of(envelope: dict[str, Any] | None) -> str | None:
-    """The payment an event makes a customer's: a payment event's own, or that of an event
-    that names no customer (a dispute). Others (a subscription's latest payment) are not
-    trusted to say whose a payment is."""
-    data = envelope.get("data") if envelope else None
-    if not isinstance(data, dict) or not isinstance(data.get("payment_id"), str):
-        return None
-    kind = str(envelope.get("type", "")) if envelope else ""
-    if kind.startswith("payment.") or customer_of_data(data) is None:
-        return str(data["payment_id"])
-    return None
 
 
 def customer_in_body(body: bytes | None) -> str | None:
@@ -603,21 +582,30 @@ def _quoted(value: str) -> bytes:
     return json.dumps(value).encode()
 
 
-def _events_matching(
+def _events_where(
+    session: Session, where: ColumnElement[bool], keep: Callable[[dict[str, Any] | None], bool]
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """The held events `where` selects whose parsed body `keep` accepts: the columns only
+    find candidates, the body decides whose an event is."""
+    ev = WebhookEvent
+    rows = session.execute(select(ev.webhook_id, ev.body).where(ev.body.is_not(None), where))
+    for webhook_id, body in rows:
+        envelope = load_body(body)
+        if keep(envelope):
+            yield webhook_id, envelope
+
+
+def _unattributed_matching(
     session: Session, needles: Sequence[bytes], keep: Callable[[dict[str, Any] | None], bool]
 ) -> Iterator[tuple[str, dict[str, Any] | None]]:
-    ev = WebhookEvent
+    """Events recorded with neither a customer nor a payment (before migration 0006, or
+    naming neither) whose body contains one of the needles: the scan that finds what the
+    columns cannot. Retention purges these bodies in time, and then it reads nothing."""
     for start in range(0, len(needles), 50):
         chunk = [literal(n) for n in needles[start : start + 50]]
-        rows = session.execute(
-            select(ev.webhook_id, ev.body).where(
-                ev.body.is_not(None), _body_contains_literals(session, chunk)
-            )
+        yield from _events_where(
+            session, UNATTRIBUTED & _body_contains_literals(session, chunk), keep
         )
-        for webhook_id, body in rows:
-            envelope = load_body(body)
-            if keep(envelope):
-                yield webhook_id, envelope
 
 
 def _body_contains_literals(session: Session, needles: Sequence[Any]) -> ColumnElement[bool]:
@@ -629,7 +617,11 @@ def _body_contains_literals(session: Session, needles: Sequence[Any]) -> ColumnE
 
 def find_scope(session: Session, customer_id: str) -> Scope:
     """The customer's events (by `data.customer.customer_id` or `data.customer_id`), their
-    payments (read model and events), and the refund and dispute events of those payments."""
+    payments (read model and events), and the refund and dispute events of those payments.
+
+    Events are looked up by the `customer_id` and `payment_id` the ingest recorded with them
+    (indexed), and those recorded without either by a scan of their bodies."""
+    ev = WebhookEvent
     scope = Scope(customer_id)
     scope.payment_ids.update(
         session.scalars(select(Payment.payment_id).where(Payment.customer_id == customer_id))
@@ -638,7 +630,11 @@ def find_scope(session: Session, customer_id: str) -> Scope:
     def theirs(envelope: dict[str, Any] | None) -> bool:
         return envelope is not None and customer_of_data(envelope.get("data")) == customer_id
 
-    for webhook_id, envelope in _events_matching(session, [_quoted(customer_id)], theirs):
+    found = chain(
+        _events_where(session, ev.customer_id == customer_id, theirs),
+        _unattributed_matching(session, [_quoted(customer_id)], theirs),
+    )
+    for webhook_id, envelope in found:
         scope.webhook_ids.add(webhook_id)
         payment = payment_of(envelope)
         if payment is not None:
@@ -653,8 +649,14 @@ def find_scope(session: Session, customer_id: str) -> Scope:
             and data.get("payment_id") in scope.payment_ids
         )
 
-    needles = [_quoted(p) for p in sorted(scope.payment_ids)]
-    for webhook_id, _ in _events_matching(session, needles, of_their_payments):
+    payment_ids = sorted(scope.payment_ids)
+    for start in range(0, len(payment_ids), 500):
+        chunk = payment_ids[start : start + 500]
+        where = ev.customer_id.is_(None) & ev.payment_id.in_(chunk)
+        for webhook_id, _ in _events_where(session, where, of_their_payments):
+            scope.webhook_ids.add(webhook_id)
+    needles = [_quoted(p) for p in payment_ids]
+    for webhook_id, _ in _unattributed_matching(session, needles, of_their_payments):
         scope.webhook_ids.add(webhook_id)
     return scope
 

@@ -28,6 +28,7 @@ from sqlalchemy.types import BigInteger
 
 from shared.catalog import KIND_OF, KINDS
 from shared.db import UTCDateTime, insert_once, transaction, utcnow
+from shared.envelope import Subjects, event_subjects
 from shared.models import (
     CreditBalance,
     CreditEntry,
@@ -528,6 +529,8 @@ class SyntheticEvent:
     type: str
     body: bytes
     event_at: datetime
+    # Whose it is, as the ingest records a delivery's (the erasure finds it by these).
+    subjects: Subjects
 
 
 def synthetic_event(
@@ -565,7 +568,7 @@ def synthetic_event(
         "data": obj,
     }
     body = json.dumps(envelope, separators=(",", ":"), default=str).encode()
-    return SyntheticEvent(webhook_id, event_type, body, at)
+    return SyntheticEvent(webhook_id, event_type, body, at, event_subjects(event_type, obj))
 
 
 def _event_row(event: SyntheticEvent, now: datetime) -> dict[str, Any]:
@@ -586,6 +589,8 @@ def _event_row(event: SyntheticEvent, now: datetime) -> dict[str, Any]:
         "event_at": event.event_at,
         "received_at": now,
         "enqueued_at": now,
+        "customer_id": event.subjects.customer_id,
+        "payment_id": event.subjects.payment_id,
     }
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from cli.samples import sample_event
 from ingest.recording import record_delivery
 from shared.db import make_sessionmaker, transaction
+from shared.envelope import event_subjects
 from shared.models import CreditBalance, Dispute, Payment, Refund, Subscription, WebhookEvent
 from tests.handlers.events import T0
 from workers.claims import apply_event, claim_event
@@ -136,6 +137,7 @@ class Feed:
             body=body,
             event_type=envelope["type"],
             event_at=when,
+            subjects=event_subjects(envelope["type"], envelope["data"]),
         )
         return webhook_id
 

@@ -8,12 +8,14 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select, text
 
+from cli.samples import sample_event
 from ingest import create_app
 from ingest.app import APP_LOAD_ERROR
 from ingest.recording import record_delivery
@@ -285,6 +287,83 @@ class TestSignedButInvalidEvents:
         assert row.status == EventStatus.DEAD
         assert reason in (row.last_error or "")
         assert bytes(row.body) == body.encode()
+
+
+class TestEventSubjects:
+    """Whose a delivery is (`customer_id`, `payment_id`) is recorded with it, for the erasure."""
+
+    @pytest.mark.parametrize(
+        ("event_type", "overrides", "subjects"),
+        [
+            (
+                "payment.succeeded",
+                {"data.customer.customer_id": "cus_pay", "data.payment_id": "pay_pay"},
+                ("cus_pay", "pay_pay"),
+            ),
+            # A refund names its customer: found by that, its payment is not trusted as theirs.
+            (
+                "refund.succeeded",
+                {"data.customer.customer_id": "cus_ref", "data.payment_id": "pay_ref"},
+                ("cus_ref", None),
+            ),
+            # A dispute names no customer: found through its payment.
+            ("dispute.opened", {"data.payment_id": "pay_dis"}, (None, "pay_dis")),
+            (
+                "subscription.active",
+                {"data.customer.customer_id": "cus_sub", "data.payment_id": "pay_sub"},
+                ("cus_sub", None),
+            ),
+            (
+                "license_key.created",
+                {"data.customer_id": "cus_lic", "data.payment_id": "pay_lic"},
+                ("cus_lic", None),
+            ),
+            ("credit.added", {"data.customer_id": "cus_cre"}, ("cus_cre", None)),
+            ("payout.sent", {}, (None, None)),
+        ],
+    )
+    def test_the_customer_and_payment_of_each_family_are_recorded(
+        self,
+        client: FlaskClient,
+        clean_db: Engine,
+        event_type: str,
+        overrides: dict[str, str],
+        subjects: tuple[str | None, str | None],
+    ) -> None:
+        body = json.dumps(sample_event(event_type, overrides=overrides))
+        answer = client.post(URL, data=body, headers=signed_headers(body, webhook_id="msg_subj"))
+        assert answer.status_code == 202
+        row = event_row(clean_db, "msg_subj")
+        assert (row.customer_id, row.payment_id) == subjects
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            {"customer": {"customer_id": "c" * 256}, "payment_id": "p" * 256},
+            {"customer": {"customer_id": 7}, "payment_id": ["pay_1"]},
+            # JSON may escape a NUL, which PostgreSQL's text cannot hold: not a 503.
+            {"customer_id": "cus_\x00x", "payment_id": "pay_\x00x"},
+        ],
+        ids=["too-long", "not-strings", "nul"],
+    )
+    def test_an_id_the_column_cannot_hold_is_recorded_as_null(
+        self, client: FlaskClient, clean_db: Engine, data: dict[str, Any]
+    ) -> None:
+        body = envelope("payment.succeeded", data, timestamp="2026-01-01T00:00:00Z")
+        answer = client.post(URL, data=body, headers=signed_headers(body, webhook_id="msg_long"))
+        assert answer.status_code == 202
+        row = event_row(clean_db, "msg_long")
+        assert (row.customer_id, row.payment_id) == (None, None)
+        assert bytes(row.body) == body.encode()
+
+    def test_a_delivery_dead_on_arrival_has_neither(
+        self, client: FlaskClient, clean_db: Engine
+    ) -> None:
+        body = '{"type": "payment.succeeded", "data": {"customer_id": "cus_1"}}'
+        answer = client.post(URL, data=body, headers=signed_headers(body, webhook_id="msg_doa"))
+        assert answer.json["status"] == "dead"
+        row = event_row(clean_db, "msg_doa")
+        assert (row.customer_id, row.payment_id) == (None, None)
 
 
 def tamper(headers: dict[str, str], **changes: str) -> dict[str, str]:

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, create_engine, func, select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from shared import lifecycle
 from shared.db import make_sessionmaker, utcnow
@@ -20,6 +21,7 @@ from shared.lifecycle import (
     PURGED_EVENTS,
     erase_customer,
     erase_json,
+    find_scope,
     lifecycle_totals,
     personal_strings,
     purge,
@@ -324,6 +326,21 @@ class TestPurge:
         assert pauses == pytest.approx([pause, pause])
 
 
+def feed_ids(engine: Engine) -> list[str]:
+    with Session(engine) as session:
+        return list(session.scalars(select(WebhookEvent.webhook_id)))
+
+
+def forget_subjects(engine: Engine, webhook_ids: list[str]) -> None:
+    """As if recorded before migration 0006: neither `customer_id` nor `payment_id`."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.webhook_id.in_(webhook_ids))
+            .values(customer_id=None, payment_id=None)
+        )
+
+
 def erase(engine: Engine, customer_id: str, **kwargs: Any) -> Any:
     return erase_customer(make_sessionmaker(engine), customer_id, requested_by="test", **kwargs)
 
@@ -513,6 +530,103 @@ class TestErasure:
         dumped = dump(pg_url)
         for what, secret in ALICE.secrets.items():
             assert not found_in(dumped, secret), what
+
+    @pytest.mark.parametrize("recorded_before", ["every", "every_other"])
+    def test_events_recorded_before_the_subject_columns_are_still_found_and_erased(
+        self, clean_db: Engine, recorded_before: str
+    ) -> None:
+        """Rows from before migration 0006 carry neither `customer_id` nor `payment_id`: the
+        erasure scans their bodies, also when the customer's other events are indexed."""
+        feed = Feed(clean_db)
+        history_of(feed, ALICE)
+        history_of(feed, BOB)
+        bobs = [row for row in every_row(clean_db) if BOB.customer_id in row]
+        ids = sorted(feed_ids(clean_db))
+        legacy = ids if recorded_before == "every" else ids[::2]
+        forget_subjects(clean_db, legacy)
+
+        result = erase(clean_db, ALICE.customer_id)
+
+        assert result.counts_json()["webhook_events"] == {"rows": 13, "changed": 11}
+        rows = every_table_as_text(clean_db)
+        for what, secret in ALICE.secrets.items():
+            assert secret not in rows, what
+        bobs_now = [row for row in every_row(clean_db) if BOB.customer_id in row]
+        assert len(bobs_now) == len(bobs) and all(s in rows for s in BOB.secrets.values())
+
+    def test_a_legacy_dispute_is_found_through_a_payment_only_an_indexed_event_names(
+        self, clean_db: Engine
+    ) -> None:
+        feed = Feed(clean_db)
+        pay = feed.send(body_for("payment.succeeded", ALICE, T0, payment_id="pay_only"))
+        dispute = feed.send(
+            body_for("dispute.opened", ALICE, T0, payment_id="pay_only", dispute_id="dis_1")
+        )
+        forget_subjects(clean_db, [dispute])
+        with Session(clean_db) as session:
+            session.execute(
+                update(Payment).where(Payment.payment_id == "pay_only").values(customer_id=None)
+            )
+            session.commit()
+        assert (event(clean_db, pay).customer_id, event(clean_db, dispute).payment_id) == (
+            ALICE.customer_id,
+            None,
+        )
+
+        with Session(clean_db) as session:
+            scope = find_scope(session, ALICE.customer_id)
+
+        assert scope.webhook_ids == {pay, dispute}
+
+    @pytest.mark.parametrize("others", ["indexed", "legacy"])
+    def test_the_search_reads_no_other_customers_bodies_when_their_events_are_indexed(
+        self, clean_db: Engine, others: str
+    ) -> None:
+        """Counted by PostgreSQL for the search's own transaction (pg_stat_xact_user_tables):
+        2,000 events of another customer are not read, unless recorded without the columns,
+        when the scan must read them all (the measure can tell the difference)."""
+        feed = Feed(clean_db)
+        history_of(feed, ALICE)
+        template = json.dumps(body_for("payment.succeeded", BOB, T0, payment_id="pay_XID"))
+        rows = [
+            {
+                "webhook_id": f"msg_other_{n}",
+                "type": "payment.succeeded",
+                "status": EventStatus.PROCESSED,
+                "attempts": 1,
+                "body": template.replace("XID", str(n)).encode(),
+                "headers": {"webhook-id": f"msg_other_{n}"},
+                "webhook_ts": 1,
+                "received_at": utcnow(),
+                "customer_id": BOB.customer_id if others == "indexed" else None,
+                "payment_id": f"pay_{n}" if others == "indexed" else None,
+            }
+            for n in range(2000)
+        ]
+        with clean_db.begin() as conn:
+            conn.execute(WebhookEvent.__table__.insert(), rows)
+        with clean_db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("ANALYZE webhook_events"))
+
+        # A connection of its own: PostgreSQL counts into the transaction's figures what a
+        # pooled connection did earlier and has not reported yet.
+        fresh = create_engine(clean_db.url, poolclass=NullPool)
+        with Session(fresh) as session, session.begin():
+            scope = find_scope(session, ALICE.customer_id)
+            read = session.execute(
+                text(
+                    "SELECT seq_scan, seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables"
+                    " WHERE relname = 'webhook_events'"
+                )
+            ).one()
+        fresh.dispose()
+
+        assert len(scope.webhook_ids) == 13
+        if others == "indexed":
+            assert (read.seq_scan, read.seq_tup_read) == (0, 0), read
+            assert read.idx_tup_fetch <= 2 * 13, read  # the customer's own, found twice at most
+        else:
+            assert read.seq_tup_read + read.idx_tup_fetch >= 2000, read
 
     @pytest.mark.parametrize("customer_id", ["", "   ", "x" * 256])
     def test_a_malformed_customer_id_is_refused(self, clean_db: Engine, customer_id: str) -> None:

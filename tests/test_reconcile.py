@@ -777,3 +777,38 @@ class TestSyntheticEventIds:
             "data": obj,
         }
         assert event.event_at == when
+
+
+class TestSyntheticEventSubjects:
+    """A synthetic event is recorded with its customer and payment, as the ingest records a
+    delivery's: the erasure finds it by index."""
+
+    def test_a_payment_and_a_dispute_carry_what_the_ingest_would_record(
+        self, clean_db: Engine
+    ) -> None:
+        from shared.lifecycle import find_scope
+        from shared.reconcile import record_events, synthetic_event
+
+        when = datetime(2026, 5, 1, 9, 30, tzinfo=UTC)
+        payment = {"payment_id": "pay_9", "customer": {"customer_id": "cus_9"}, "status": "x"}
+        dispute = {"dispute_id": "dis_9", "payment_id": "pay_9", "dispute_status": "y"}
+        events = [
+            synthetic_event(kind, oid, etype, obj, when, state=obj, basis="")
+            for kind, oid, etype, obj in (
+                ("payment", "pay_9", "payment.reconciled", payment),
+                ("dispute", "dis_9", "dispute.reconciled", dispute),
+            )
+        ]
+        factory = make_sessionmaker(clean_db)
+        with factory.begin() as session:
+            assert record_events(session, events) == events
+        with factory() as session:
+            rows = session.execute(
+                select(WebhookEvent.type, WebhookEvent.customer_id, WebhookEvent.payment_id)
+            ).all()
+            assert sorted(tuple(r) for r in rows) == [
+                ("dispute.reconciled", None, "pay_9"),
+                ("payment.reconciled", "cus_9", "pay_9"),
+            ]
+            scope = find_scope(session, "cus_9")
+        assert scope.webhook_ids == {e.webhook_id for e in events}
