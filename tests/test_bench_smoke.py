@@ -173,13 +173,13 @@ class TestConsoleBench:
 
 
 class TestPurgeBench:
-    """bench/purge.py on a tiny table: it purges everything seeded and reports each run."""
+    """bench/purge.py on a tiny table: it purges everything seeded and reports each window."""
 
     def test_a_tiny_run_purges_every_seeded_body_and_writes_its_results(
         self, tmp_path: Path
     ) -> None:
         out = tmp_path / "purge.json"
-        args = ["--rows", "3000", "--rate", "20", "--duration", "1", "--reps", "1"]
+        args = ["--rows", "3000", "--rate", "20", "--window", "1", "--baseline", "1"]
         done = subprocess.run(
             [sys.executable, "-m", "bench.purge", *args, "--pause", "0", "--out", str(out)],
             cwd=ROOT,
@@ -190,14 +190,18 @@ class TestPurgeBench:
         )
         assert done.returncode == 0, done.stderr
         report = json.loads(out.read_text())
-        (run,) = report["runs"]
-        assert run["purged_events"] == 3000 and run["purged_bytes"] > 3000 * 1000
-        assert run["alone"]["statuses"] == run["during_purge"]["statuses"] == {"202": 20}
-        # Bodies kept: the two load windows' deliveries (pending: no worker runs) and the 20
-        # recent events of the timed erasure.
-        assert report["bodies_left_after"] == 40 + 20
+        assert report["purge"]["events"] == 3000 and report["purge"]["bytes"] > 3000 * 1000
+        windows = report["windows"]
+        kinds = [w["kind"] for w in windows]
+        assert (kinds[0], kinds[-1]) == ("before", "after") and "during" in kinds
+        assert all(w["statuses"] == {"202": 20} for w in windows)
+        assert sum(w.get("purged_events", 0) for w in windows) == 3000
+        # Bodies kept: every window's deliveries (pending: no worker runs) and the 20 recent
+        # events of the timed erasure.
+        assert report["bodies_left_after"] == 20 * len(windows) + 20
+        assert set(report["verdict"]) == {"p50", "p99"}
         assert is_number(report["erasure_of_one_customer_with_20_events"]["real_s"])
-        assert "erase-customer" in done.stdout
+        assert "erase-customer" in done.stdout and "during the purge" in done.stdout
 
 
 class TestCeleryBatchesApply:
