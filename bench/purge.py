@@ -8,8 +8,9 @@ starts the ingest (gunicorn, the product's app) and offers it a fixed rate, open
 `--window` seconds: first `--baseline` windows with nothing else running, then windows
 that alternate between the purge running (`shared.lifecycle.purge` with `run_seconds`, as
 beat's task runs it) and the purge stopped, until the purge is done, then `--baseline`
-windows again. The ingest's p50 and p99 of each window during the purge are set against
-the spread of the windows before it: that spread is the noise. Per window it also counts
+windows again. Each purge window's p50 and p99 is set against the stopped windows on either
+side of it, and that difference against the same difference between windows where no
+purge ran at all: that is the noise. Per window it also counts
 PostgreSQL's checkpoints and autovacuum runs of `webhook_events`. Writes
 bench/results/purge.json and prints a table.
 """
@@ -233,8 +234,15 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per kind of window, the median [min-max] of the windows' p50 and p99; the verdict
-    compares the purge windows' median with the range of the windows before the purge."""
+    """Per kind of window, the median [min-max] of the windows' p50 and p99, and the verdict.
+
+    The verdict is paired, so that the machine's drift over the run (other work starting or
+    ending) does not count for or against the purge: each purge window's figure minus the
+    mean of the two stopped windows beside it. The noise is the same difference for the
+    windows before and after the purge that have stopped windows on both sides, where
+    nothing differs: the purge is within noise when the purge windows' median difference
+    falls within the range of those.
+    """
     kinds: dict[str, Any] = {}
     for kind in ("before", "during", "between", "after"):
         chosen = [w for w in windows if w["kind"] == kind]
@@ -245,15 +253,24 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
                 "checkpoints": sum(w["checkpoints"] for w in chosen),
                 "autovacuums": sum(w["autovacuums"] for w in chosen),
             }
-    verdict = {}
-    if "before" in kinds and "during" in kinds:
-        for q in ("p50", "p99"):
-            noise, during = kinds["before"][q], kinds["during"][q]
+    verdict: dict[str, Any] = {}
+    for q in ("p50", "p99"):
+        purge_diffs, noise_diffs = [], []
+        for i in range(1, len(windows) - 1):
+            here, left, right = windows[i], windows[i - 1], windows[i + 1]
+            if "during" in (left["kind"], right["kind"]):
+                continue
+            diff = here["latency_ms"][q] - (left["latency_ms"][q] + right["latency_ms"][q]) / 2
+            if here["kind"] == "during":
+                purge_diffs.append(diff)
+            elif here["kind"] == left["kind"] == right["kind"]:
+                noise_diffs.append(diff)
+        if purge_diffs and noise_diffs:
+            paired, noise = spread(purge_diffs), spread(noise_diffs)
             verdict[q] = {
-                "during_median": during["median"],
-                "noise_range": [noise["min"], noise["max"]],
-                "within_noise": noise["min"] <= during["median"] <= noise["max"],
-                "during_minus_before_median": round(during["median"] - noise["median"], 2),
+                "purge_minus_neighbours_ms": paired,
+                "noise_ms": noise,
+                "within_noise": noise["min"] <= paired["median"] <= noise["max"],
             }
     return {"kinds": kinds, "verdict": verdict}
 
@@ -385,10 +402,11 @@ def table(report: dict[str, Any]) -> str:
             f"{row['checkpoints']:<12} {row['autovacuums']}"
         )
     for q, verdict in report["verdict"].items():
-        low, high = verdict["noise_range"]
+        paired, noise = verdict["purge_minus_neighbours_ms"], verdict["noise_ms"]
         lines.append(
-            f"{q} during the purge: {verdict['during_median']:.1f} ms against "
-            f"{low:.1f}-{high:.1f} before: "
+            f"{q}, purge window minus the stopped windows beside it: {paired['median']:+.2f} ms "
+            f"[{paired['min']:+.2f} to {paired['max']:+.2f}]; without a purge the same "
+            f"difference ranges {noise['min']:+.2f} to {noise['max']:+.2f}: "
             + ("within noise" if verdict["within_noise"] else "OUTSIDE the noise")
         )
     erasure = report["erasure_of_one_customer_with_20_events"]
