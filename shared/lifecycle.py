@@ -28,13 +28,20 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import dialect_insert, transaction, utcnow
-from shared.envelope import customer_of_data, payment_of
+from shared.envelope import (
+    NO_SUBJECTS,
+    Subjects,
+    customer_of_data,
+    event_subjects,
+    payment_of,
+)
 from shared.models import (
     PURGEABLE,
     UNATTRIBUTED,
@@ -238,28 +245,111 @@ def purge(
         result.deliveries += removed
         if removed < batch_size:
             break
-    deadline = None if run_seconds is None else time.monotonic() + run_seconds
-    reached: datetime | None = None
-    while True:
-        started = time.monotonic()
+    reached: list[datetime | None] = [None]
+
+    def step() -> int:
         with transaction(factory) as session:
-            batch = purge_batch(session, cutoff, batch_size, reached)
-        took = time.monotonic() - started
-        reached = batch.reached
+            batch = purge_batch(session, cutoff, batch_size, reached[0])
+        reached[0] = batch.reached
         result.events += batch.events
         result.bytes += batch.bytes
         result.batches += 1
         if progress is not None and batch.events:
             progress(result)
-        if batch.events < batch_size:
-            # Rows skipped because another purge held them are that purge's, or the next
-            # run's (it starts from the beginning).
-            return result
+        # Rows skipped because another purge held them are that purge's, or the next run's
+        # (it starts from the beginning).
+        return batch.events
+
+    result.complete = paced(
+        step, full=batch_size, pause_seconds=pause_seconds, run_seconds=run_seconds
+    )
+    return result
+
+
+def paced(
+    step: Callable[[], int], *, full: int, pause_seconds: float, run_seconds: float | None
+) -> bool:
+    """Run `step` (one short transaction; it returns how many rows it took) until it takes
+    fewer than `full` (True: done) or `run_seconds` have passed (False: the next run carries
+    on). After each step it pauses `pause_seconds`, or `PAUSE_PER_BATCH_SECOND` times the
+    step's own time when that is longer: on a busy host the job backs off with it."""
+    deadline = None if run_seconds is None else time.monotonic() + run_seconds
+    while True:
+        started = time.monotonic()
+        taken = step()
+        took = time.monotonic() - started
+        if taken < full:
+            return True
         if deadline is not None and time.monotonic() >= deadline:
-            result.complete = False
-            return result
+            return False
         if pause_seconds:
             time.sleep(max(pause_seconds, took * PAUSE_PER_BATCH_SECOND))
+
+
+@dataclass
+class BackfillResult:
+    """What a backfill run of the events' subjects did."""
+
+    examined: int = 0
+    filled: int = 0
+    complete: bool = True
+
+
+def subjects_of_body(body: bytes | None) -> Subjects:
+    """The `customer_id` and `payment_id` the ingest records for this body."""
+    envelope = load_body(body)
+    if envelope is None:
+        return NO_SUBJECTS
+    return event_subjects(str(envelope.get("type", "")), envelope.get("data"))
+
+
+def backfill_subjects(
+    factory: sessionmaker[Session],
+    *,
+    batch_size: int,
+    run_seconds: float | None = None,
+    pause_seconds: float = 0.0,
+) -> BackfillResult:
+    """Record `customer_id` and `payment_id` of the events held without them (recorded before
+    migration 0006_event_subjects) from their bodies, as the ingest records them: from then on
+    the erasure finds them by index instead of reading their bodies. A run walks that set
+    once, in received order, in short transactions paced as the purge's; events that name
+    neither stay in it (the erasure still reads those few), and rows another transaction holds
+    are left to the next run."""
+    ev = WebhookEvent
+    result = BackfillResult()
+    position: list[tuple[datetime, str] | None] = [None]
+
+    def step() -> int:
+        with transaction(factory) as session:
+            query = select(ev.webhook_id, ev.received_at, ev.body).where(UNATTRIBUTED)
+            if position[0] is not None:
+                query = query.where(tuple_(ev.received_at, ev.webhook_id) > tuple_(*position[0]))
+            rows = session.execute(
+                query.order_by(ev.received_at, ev.webhook_id)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for row in rows:
+                subjects = subjects_of_body(row.body)
+                if subjects.customer_id is None and subjects.payment_id is None:
+                    continue
+                session.execute(
+                    update(ev)
+                    .where(ev.webhook_id == row.webhook_id)
+                    .values(customer_id=subjects.customer_id, payment_id=subjects.payment_id)
+                    .execution_options(synchronize_session=False)
+                )
+                result.filled += 1
+        result.examined += len(rows)
+        if rows:
+            position[0] = (rows[-1].received_at, rows[-1].webhook_id)
+        return len(rows)
+
+    result.complete = paced(
+        step, full=batch_size, pause_seconds=pause_seconds, run_seconds=run_seconds
+    )
+    return result
 
 
 def lifecycle_totals(session: Session) -> dict[str, int]:

@@ -19,6 +19,7 @@ from shared.lifecycle import (
     ERASED_TEXT,
     PURGED_BYTES,
     PURGED_EVENTS,
+    backfill_subjects,
     erase_customer,
     erase_json,
     find_scope,
@@ -553,6 +554,47 @@ class TestErasure:
             assert secret not in rows, what
         bobs_now = [row for row in every_row(clean_db) if BOB.customer_id in row]
         assert len(bobs_now) == len(bobs) and all(s in rows for s in BOB.secrets.values())
+
+    def test_the_backfill_records_legacy_events_subjects_as_the_ingest_does_and_once(
+        self, clean_db: Engine
+    ) -> None:
+        """Beat's purge task runs it: afterwards the erasure finds them by index."""
+        feed = Feed(clean_db)
+        history_of(feed, ALICE)
+        history_of(feed, BOB)
+        # A payout names neither a customer nor a payment.
+        feed.send(
+            {"business_id": "b", "type": "payout.sent", "timestamp": T0.isoformat(), "data": {}}
+        )
+
+        def subjects() -> dict[str, tuple[str | None, str | None]]:
+            with Session(clean_db) as session:
+                rows = session.execute(
+                    select(
+                        WebhookEvent.webhook_id, WebhookEvent.customer_id, WebhookEvent.payment_id
+                    )
+                )
+                return {w: (c, p) for w, c, p in rows}
+
+        recorded = subjects()
+        neither = [w for w, found in recorded.items() if found == (None, None)]
+        assert len(neither) == 1
+        forget_subjects(clean_db, list(recorded))
+
+        factory = make_sessionmaker(clean_db)
+        result = backfill_subjects(factory, batch_size=4)
+        assert (result.examined, result.filled, result.complete) == (
+            len(recorded),
+            len(recorded) - 1,
+            True,
+        )
+        assert subjects() == recorded
+        again = backfill_subjects(factory, batch_size=4)
+        assert (again.examined, again.filled) == (1, 0)
+        assert erase(clean_db, ALICE.customer_id).counts_json()["webhook_events"] == {
+            "rows": 13,
+            "changed": 11,
+        }
 
     def test_a_legacy_dispute_is_found_through_a_payment_only_an_indexed_event_names(
         self, clean_db: Engine

@@ -91,18 +91,28 @@ class TestRetentionInThePipeline:
                     .where(WebhookEvent.webhook_id.in_([w for w, _ in old]))
                     .values(processed_at=datetime.now(UTC) - timedelta(days=31))
                 )
+                # As if recorded before migration 0006: the same task fills these in.
+                conn.execute(
+                    update(WebhookEvent)
+                    .where(WebhookEvent.webhook_id == "msg_recent")
+                    .values(customer_id=None, payment_id=None)
+                )
             # Beat's job, sent as beat sends it, run by the worker on the maintenance queue.
             celery.send_task(PURGE)
 
             def purged() -> bool:
                 with Session(clean_db) as session:
                     rows = [session.get(WebhookEvent, w) for w, _ in old]
-                    return all(r is not None and r.purged_at is not None for r in rows)
+                    recent = session.get(WebhookEvent, "msg_recent")
+                    return all(r is not None and r.purged_at is not None for r in rows) and (
+                        recent is not None and recent.customer_id == BOB.customer_id
+                    )
 
-            wait_until(purged, what="the purge task to run")
+            wait_until(purged, what="the purge task to purge, then record the subjects")
             with Session(clean_db) as session:
                 recent_row = session.get(WebhookEvent, "msg_recent")
                 assert recent_row is not None and recent_row.body is not None
+                assert recent_row.payment_id == "pay_b"
                 before = {
                     w: (r.status, r.attempts, r.processed_at)
                     for w in ("msg_old_pay", "msg_old_credit")

@@ -290,28 +290,48 @@ def reconcile_with_dodo() -> int:
 
 @app.task(name=PURGE, ignore_result=True)
 def purge() -> int:
-    """Retention: remove old raw bodies and headers (RETENTION_DAYS), batch by batch.
+    """Retention: remove old raw bodies and headers (RETENTION_DAYS), batch by batch; then
+    record the customer and payment of events held from before migration 0006, which the
+    erasure otherwise has to find by reading their bodies (`lifecycle.backfill_subjects`).
 
-    A run stops after PURGE_RUN_SECONDS so that the re-drive, on the same queue, is not held
-    up behind a long backlog; it then sends itself again to carry on.
+    Each part stops after PURGE_RUN_SECONDS so that the re-drive, on the same queue, is not
+    held up behind a long backlog; the task then sends itself again to carry on.
     """
-    if settings.retention_days <= 0:
-        return 0
-    result = lifecycle.purge(
-        database.sessions(),
-        retention_days=settings.retention_days,
-        batch_size=settings.purge_batch_size,
-        run_seconds=settings.purge_run_seconds,
-        pause_seconds=settings.purge_pause_seconds,
+    sessions = database.sessions()
+    batch, budget, pause = (
+        settings.purge_batch_size,
+        settings.purge_run_seconds,
+        settings.purge_pause_seconds,
     )
-    if result.events:
-        log.info(
-            "purged raw bodies",
-            extra={"step": "purge", "count": result.events, "bytes": result.bytes},
+    purged = 0
+    if settings.retention_days > 0:
+        result = lifecycle.purge(
+            sessions,
+            retention_days=settings.retention_days,
+            batch_size=batch,
+            run_seconds=budget,
+            pause_seconds=pause,
         )
-    if not result.complete:
+        purged = result.events
+        if result.events:
+            log.info(
+                "purged raw bodies",
+                extra={"step": "purge", "count": result.events, "bytes": result.bytes},
+            )
+        if not result.complete:
+            app.send_task(PURGE)
+            return purged
+    backfill = lifecycle.backfill_subjects(
+        sessions, batch_size=batch, run_seconds=budget, pause_seconds=pause
+    )
+    if backfill.filled:
+        log.info(
+            "recorded the customer and payment of older events",
+            extra={"step": "purge", "count": backfill.filled},
+        )
+    if not backfill.complete:
         app.send_task(PURGE)
-    return result.events
+    return purged
 
 
 OUTBOUND_URLS = tuple(settings.outbound_webhook_url)
