@@ -12,7 +12,10 @@ holds it until it commits (PostgreSQL makes a commit visible before it releases 
 At any moment at most one transaction holds an uncommitted seq, and it is larger than every
 committed one, so the committed changes always form a prefix of the seq order. The lock is
 taken at the very end of the apply transaction (after every row lock it needs), so the
-commits it serialises are short and it cannot take part in a deadlock. SQLite (dev mode)
+commits it serialises are short and it cannot take part in a deadlock. A drain's batch
+applies many events in one transaction: it defers their changes (`defer_changes`) and writes
+them all at its end (`write_deferred`), so the lock covers those inserts and the commit, not
+the batch's whole work; otherwise two drains would apply one batch at a time. SQLite (dev mode)
 has a single writer, which gives the same.
 
 The price: a worker frozen (SIGSTOP, a paused VM) inside that short window holds every
@@ -50,6 +53,9 @@ KINDS: Final = ("payment", "refund", "dispute", "subscription", "license_key", "
 FEED_LOCK: Final = int.from_bytes(b"dodofeed", "big", signed=True)
 # Where `record_change` leaves what this transaction recorded, for `fan_out`.
 RECORDED: Final = "dodo_webhooks.changes"
+# While `defer_changes` is on, where `record_change` leaves the changes to write, for
+# `write_deferred` at the end of the transaction.
+DEFERRED: Final = "dodo_webhooks.deferred_changes"
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 
@@ -116,33 +122,60 @@ def record_change(
     Call it last in the transaction, after every other write: the feed lock it takes is
     held until the commit (see the module's docstring). `run` executes a statement in the
     session (the workers pass their prebuilt-statement executor); by default
-    `session.connection().execute`.
+    `session.connection().execute`. While `defer_changes` is on, the change is only kept,
+    for `write_deferred` to write (and None returned).
     """
     if before == after:
         return None
+    row = {
+        "id": change_id(kind, entity_id, cause.webhook_id),
+        "kind": kind,
+        "entity_id": entity_id,
+        "customer_id": customer_id,
+        "changed": changed_fields(before, after),
+        "before": before,
+        "after": after,
+        "cause_webhook_id": cause.webhook_id,
+        "cause_type": cause.type,
+        "cause_at": cause.timestamp,
+        "created_at": utcnow(),
+    }
+    deferred = session.info.get(DEFERRED)
+    if deferred is not None:
+        deferred.append(row)
+        return None
+    return _write(session, [row], run)[0]
+
+
+def defer_changes(session: Session) -> None:
+    """From now on in this transaction, keep changes for `write_deferred` to write."""
+    session.info[DEFERRED] = []
+
+
+def deferred_count(session: Session) -> int:
+    return len(session.info.get(DEFERRED, []))
+
+
+def forget_deferred_since(session: Session, count: int) -> None:
+    """After a savepoint's rollback: the changes kept since it are gone with its writes."""
+    del session.info.get(DEFERRED, [])[count:]
+
+
+def write_deferred(session: Session, run: Run | None = None) -> list[RecordedChange]:
+    """Write the changes kept since `defer_changes`, under the feed lock; deferral ends."""
+    rows: list[dict[str, Any]] = session.info.pop(DEFERRED, None) or []
+    return _write(session, rows, run) if rows else []
+
+
+def _write(session: Session, rows: list[dict[str, Any]], run: Run | None) -> list[RecordedChange]:
     execute = run or _run
     if session.get_bind().dialect.name == "postgresql":
         execute(session, _FEED_LOCK, {})
-    identity = change_id(kind, entity_id, cause.webhook_id)
-    seq = execute(
-        session,
-        _INSERT_CHANGE,
-        {
-            "id": identity,
-            "kind": kind,
-            "entity_id": entity_id,
-            "customer_id": customer_id,
-            "changed": changed_fields(before, after),
-            "before": before,
-            "after": after,
-            "cause_webhook_id": cause.webhook_id,
-            "cause_type": cause.type,
-            "cause_at": cause.timestamp,
-            "created_at": utcnow(),
-        },
-    ).scalar_one()
-    recorded = RecordedChange(int(seq), identity, kind, entity_id)
-    session.info.setdefault(RECORDED, []).append(recorded)
+    recorded = []
+    for row in rows:
+        seq = execute(session, _INSERT_CHANGE, row).scalar_one()
+        recorded.append(RecordedChange(int(seq), row["id"], row["kind"], row["entity_id"]))
+    session.info.setdefault(RECORDED, []).extend(recorded)
     return recorded
 
 

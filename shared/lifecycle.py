@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.changes import DEFERRED
 from shared.db import dialect_insert, transaction, utcnow
 from shared.envelope import (
     NO_SUBJECTS,
@@ -531,7 +532,8 @@ def _in(column: Any, values: set[str]) -> ColumnElement[bool]:
 
 def _changes_of(scope: Scope) -> ColumnElement[bool]:
     """The customer's changes: theirs by id, their payments', and those their events caused
-    (a refund's or a dispute's record carries no customer id)."""
+    (a refund's or a dispute's record carries no customer id). `_erase_deferred_changes` applies
+    the same rule to the changes a batch has not written yet."""
     return or_(
         Change.customer_id == scope.customer_id,
         _in(Change.entity_id, scope.payment_ids),
@@ -940,6 +942,24 @@ def erase_on_apply(session: Session, webhook_id: str, customer_id: str) -> None:
         )
     for table in PERSONAL_TABLES:
         erase_rows(session, table, scope, strings)
+    _erase_deferred_changes(session, scope, strings)
+
+
+def _erase_deferred_changes(session: Session, scope: Scope, strings: set[str]) -> None:
+    """A drain's batch writes its changes at its end (shared/changes.py `defer_changes`):
+    the customer's among those kept so far are erased before they are written."""
+    theirs = [
+        row
+        for row in session.info.get(DEFERRED, [])
+        if row["customer_id"] == scope.customer_id
+        or row["entity_id"] in scope.payment_ids
+        or row["cause_webhook_id"] in scope.webhook_ids
+    ]
+    for row in theirs:
+        strings = strings | personal_strings(row["before"]) | personal_strings(row["after"])
+    for row in theirs:
+        row["before"] = None if row["before"] is None else erase_json(row["before"], strings)
+        row["after"] = erase_json(row["after"], strings)
 
 
 def list_erasures(session: Session, customer_id: str | None = None) -> list[CustomerErasure]:

@@ -165,6 +165,39 @@ def test_routes() -> Iterator[None]:
 class TestApplyBatch:
     """apply_batch, in-process: one savepoint per event."""
 
+    def test_the_feed_lock_is_taken_at_the_batchs_end_not_by_its_first_change(
+        self, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each event's change is kept until the batch's end and written there, under the
+        feed's advisory lock (held to the commit): a second drain's batch is not held up
+        behind this one's whole work, only behind its last inserts and commit."""
+        from tests.handlers.events import T0
+        from tests.lifecycle_support import ALICE, Feed, body_for
+        from workers import claims as claims_module
+
+        feed = Feed(clean_db)
+        for n in range(3):
+            feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"pay_lock{n}"))
+        held: list[int] = []
+        real = claims_module.apply_event
+
+        def watched(session: Session, *args: object, **kwargs: object) -> object:
+            done = real(session, *args, **kwargs)  # type: ignore[arg-type]
+            held.append(advisory_locks(session))
+            return done
+
+        monkeypatch.setattr(claims_module, "apply_event", watched)
+        factory = make_sessionmaker(clean_db)
+        claims = claim_batch(factory, "payments", 10, 60)
+        with transaction(factory) as session:
+            results = apply_batch(session, claims, isolate=False)
+            at_end = advisory_locks(session)
+        assert [type(r) for r in results] == [Applied] * 3
+        assert held == [0, 0, 0] and at_end == 1
+        with Session(clean_db) as session:
+            seqs = session.execute(text("SELECT entity_id FROM changes ORDER BY seq")).scalars()
+            assert list(seqs) == ["pay_lock0", "pay_lock1", "pay_lock2"]
+
     @pytest.mark.usefixtures("test_routes")
     def test_a_failing_event_rolls_back_alone_and_its_batch_mates_commit(
         self, clean_db: Engine
@@ -370,3 +403,15 @@ class TestDrain:
         with Session(pipeline.engine) as session:
             held = session.scalars(select(CreditEntry).where(CreditEntry.id == entry)).all()
         assert len(held) == 1
+
+
+def advisory_locks(session: Session) -> int:
+    """Advisory locks this session's backend holds (the change feed's, shared/changes.py)."""
+    return int(
+        session.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid() AND granted"
+            )
+        ).scalar_one()
+    )

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from shared import lifecycle
-from shared.db import make_sessionmaker, utcnow
+from shared.catalog import queue_for
+from shared.db import make_sessionmaker, transaction, utcnow
 from shared.lifecycle import (
     ERASED_TEXT,
     PURGED_BYTES,
@@ -28,6 +29,7 @@ from shared.lifecycle import (
     purge,
 )
 from shared.models import (
+    Change,
     CreditEntry,
     CustomerErasure,
     DeliveryStatus,
@@ -52,7 +54,7 @@ from tests.lifecycle_support import (
     history_of,
     state_of,
 )
-from workers.claims import apply_event, claim_event
+from workers.claims import Applied, apply_batch, apply_event, claim_batch, claim_event
 
 
 def backdate(engine: Engine, webhook_ids: list[str], days: float) -> None:
@@ -498,6 +500,29 @@ class TestErasure:
         dumped = dump(pg_url)
         for what, secret in ALICE.secrets.items():
             assert not found_in(dumped, secret), what
+
+    def test_an_erased_customers_events_applied_in_one_batch_leave_nothing_in_the_feed(
+        self, clean_db: Engine, pg_url: str
+    ) -> None:
+        """A drain's batch writes its changes at its end: those of an erased customer's
+        events are erased before they are written, the other customer's kept."""
+        feed = Feed(clean_db)
+        erase(clean_db, ALICE.customer_id)
+        for n, person in enumerate((ALICE, BOB, ALICE)):
+            feed.record(body_for("payment.succeeded", person, T0, payment_id=f"pay_batch{n}"))
+        factory = make_sessionmaker(clean_db)
+        claims = claim_batch(factory, queue_for("payment.succeeded"), 10, 60)
+        assert len(claims) == 3
+        with transaction(factory) as session:
+            results = apply_batch(session, claims, isolate=False)
+        assert all(isinstance(r, Applied) for r in results)
+        with Session(clean_db) as session:
+            changes = session.scalars(select(Change)).all()
+        assert {c.entity_id for c in changes} == {"pay_batch0", "pay_batch1", "pay_batch2"}
+        dumped = dump(pg_url)
+        for what, secret in ALICE.secrets.items():
+            assert not found_in(dumped, secret), what
+        assert found_in(dumped, BOB.secrets["email"])
 
     def test_an_unknown_customer_is_recorded_so_that_their_first_events_are_erased(
         self, clean_db: Engine

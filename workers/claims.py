@@ -29,7 +29,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.catalog import EVENT_QUEUES, FAMILY_OF, OTHER_QUEUE
-from shared.changes import RECORDED, fan_out
+from shared.changes import (
+    RECORDED,
+    defer_changes,
+    deferred_count,
+    fan_out,
+    forget_deferred_since,
+    write_deferred,
+)
 from shared.db import transaction, utcnow
 from shared.envelope import read_envelope_head
 from shared.lifecycle import customer_in_body, erase_on_apply
@@ -440,6 +447,9 @@ def apply_batch(
     status and its counted attempt for the caller to settle.
     """
     results: list[Result] = []
+    # The batch's changes are written at its end, under the feed lock held to the commit:
+    # written event by event, the first would hold that lock over all the others' work.
+    defer_changes(session)
     for claim in claims:
         if not isolate:
             try:
@@ -453,26 +463,30 @@ def apply_batch(
             continue
         savepoint = session.begin_nested()
         made = len(session.info.get(DELIVERIES_MADE, []))
+        kept = deferred_count(session)
         try:
             status, outcome = apply_event(session, claim, outbound_urls)
         except LostClaim:
             savepoint.rollback()
-            _forget_since(session, made)
+            _forget_since(session, made, kept)
             results.append(Lost(claim))
         except Exception as exc:
             # Raises in turn when the connection is gone: the whole batch failed.
             savepoint.rollback()
-            _forget_since(session, made)
+            _forget_since(session, made, kept)
             results.append(Failed(claim, exc))
         else:
             savepoint.commit()
             results.append(Applied(claim, status, outcome))
+    write_deferred(session, run=execute)
+    session.info.setdefault(DELIVERIES_MADE, []).extend(fan_out(session, outbound_urls))
     return results
 
 
-def _forget_since(session: Session, made: int) -> None:
+def _forget_since(session: Session, made: int, kept: int) -> None:
     """After a savepoint's rollback: the change its handler recorded and the deliveries made
-    for it are gone with it, so neither may be fanned out or signalled."""
+    for it are gone with it, so neither may be written, fanned out or signalled."""
+    forget_deferred_since(session, kept)
     session.info.pop(RECORDED, None)
     del session.info.get(DELIVERIES_MADE, [])[made:]
 
