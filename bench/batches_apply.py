@@ -16,14 +16,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from celery import Task
-from sqlalchemy import ARRAY, Engine, String, any_, bindparam, update
+from sqlalchemy import ARRAY, String, any_, bindparam, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.catalog import queue_for
 from shared.db import utcnow
 from shared.models import EventStatus
-from workers.claims import CLAIM_RETURNS, CLAIMED, EVENTS, Claim, lock_key
-from workers.statements import run_prebuilt
+from workers.claims import CLAIM_RETURNS, CLAIMED, EVENTS, Claim, lock_key, run_claim
 from workers.tasks import drain_batch
 
 # The celery-batches task's name (bench/batches_worker.py), which bench/batches.py sends to.
@@ -54,22 +53,7 @@ def claim_ids(
     """
     now = utcnow()
     params = {"b_ids": list(webhook_ids), "b_lease_until": now + timedelta(seconds=lease_seconds)}
-    engine: Engine = factory.kw["bind"]
-    with engine.connect() as conn:
-        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-        rows = run_prebuilt(autocommit, CLAIM_IDS, params).all()
-    claims = [
-        Claim(
-            row.webhook_id,
-            row.type,
-            row.body,
-            row.attempts,
-            row.webhook_ts,
-            row.event_at.astimezone(UTC) if row.event_at is not None else None,
-            row.last_error,
-        )
-        for row in rows
-    ]
+    claims = run_claim(factory, CLAIM_IDS, params)
 
     def order(c: Claim) -> tuple[object, ...]:
         queue = queue_for(c.type)

@@ -66,6 +66,17 @@ def backdate(engine: Engine, webhook_ids: list[str], days: float) -> None:
         )
 
 
+def five_expired_payments(engine: Engine) -> None:
+    """Five processed payments whose processing finished 40 days ago: purgeable at 30."""
+    feed = Feed(engine)
+    ids = [
+        feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"p{n}")) for n in range(5)
+    ]
+    with engine.begin() as conn:
+        conn.execute(update(WebhookEvent).values(status=EventStatus.PROCESSED))
+    backdate(engine, ids, days=40)
+
+
 def event(engine: Engine, webhook_id: str) -> WebhookEvent:
     with Session(engine) as session:
         row = session.get(WebhookEvent, webhook_id)
@@ -287,14 +298,7 @@ class TestPurge:
     def test_a_run_stops_at_its_time_budget_and_says_it_is_not_complete(
         self, clean_db: Engine
     ) -> None:
-        feed = Feed(clean_db)
-        ids = [
-            feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"p{n}"))
-            for n in range(5)
-        ]
-        with clean_db.begin() as conn:
-            conn.execute(update(WebhookEvent).values(status=EventStatus.PROCESSED))
-        backdate(clean_db, ids, days=40)
+        five_expired_payments(clean_db)
         result = purge(make_sessionmaker(clean_db), retention_days=30, batch_size=2, run_seconds=0)
         assert (result.events, result.complete) == (2, False)
 
@@ -303,14 +307,7 @@ class TestPurge:
         self, clean_db: Engine, monkeypatch: pytest.MonkeyPatch, batch_seconds: float, pause: float
     ) -> None:
         """On a busy host a batch takes longer; the purge then backs off with it."""
-        feed = Feed(clean_db)
-        ids = [
-            feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"p{n}"))
-            for n in range(5)
-        ]
-        with clean_db.begin() as conn:
-            conn.execute(update(WebhookEvent).values(status=EventStatus.PROCESSED))
-        backdate(clean_db, ids, days=40)
+        five_expired_payments(clean_db)
         clock, pauses = [0.0], []
         real_batch = lifecycle.purge_batch
 

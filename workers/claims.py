@@ -101,7 +101,7 @@ _CLAIM = (
         ),
     )
     .values(**CLAIMED)
-    .returning(*CLAIM_RETURNS)
+    .returning(EVENTS.c.webhook_id, *CLAIM_RETURNS)
 )
 # The customer of this event if it was erased (its own, or its payment's): the worker then
 # erases what it applies, in this transaction (shared/lifecycle.py). An erasure recorded
@@ -159,23 +159,31 @@ def claim_event(
         "b_after_attempt": after_attempt,
         "b_lease_until": now + timedelta(seconds=lease_seconds),
     }
+    claimed = run_claim(factory, _CLAIM, params)
+    return claimed[0] if claimed else None
+
+
+def run_claim(
+    factory: sessionmaker[Session], statement: Update, params: dict[str, Any]
+) -> list[Claim]:
+    """Run a claim (an UPDATE returning the webhook id and CLAIM_RETURNS) as the whole
+    transaction, committed at once: one round trip, no BEGIN/COMMIT; its rows as claims."""
     engine: Engine = factory.kw["bind"]
     with engine.connect() as conn:
-        # One statement is the whole transaction: one round trip, no BEGIN/COMMIT.
         autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-        row = run_prebuilt(autocommit, _CLAIM, params).first()
-    if row is None:
-        return None
-    event_at = row.event_at.astimezone(UTC) if row.event_at is not None else None
-    return Claim(
-        webhook_id,
-        row.type,
-        row.body,
-        row.attempts,
-        row.webhook_ts,
-        event_at,
-        row.last_error,
-    )
+        rows = run_prebuilt(autocommit, statement, params).all()
+    return [
+        Claim(
+            row.webhook_id,
+            row.type,
+            row.body,
+            row.attempts,
+            row.webhook_ts,
+            row.event_at.astimezone(UTC) if row.event_at is not None else None,
+            row.last_error,
+        )
+        for row in rows
+    ]
 
 
 def apply_event(
@@ -341,22 +349,7 @@ def claim_batch(
     """
     now = utcnow()
     params = {"b_limit": limit, "b_lease_until": now + timedelta(seconds=lease_seconds)}
-    engine: Engine = factory.kw["bind"]
-    with engine.connect() as conn:
-        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-        rows = run_prebuilt(autocommit, _BATCH_CLAIMS[queue], params).all()
-    claims = [
-        Claim(
-            row.webhook_id,
-            row.type,
-            row.body,
-            row.attempts,
-            row.webhook_ts,
-            row.event_at.astimezone(UTC) if row.event_at is not None else None,
-            row.last_error,
-        )
-        for row in rows
-    ]
+    claims = run_claim(factory, _BATCH_CLAIMS[queue], params)
     claims.sort(
         key=lambda c: (lock_key(queue, c), c.event_at or _NEVER, c.webhook_ts, c.webhook_id)
     )
