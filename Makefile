@@ -6,7 +6,7 @@ BENCH_ARGS ?=
 # keeps the Celery the project runs on.
 BENCH_VENV ?= .venv-bench
 
-.PHONY: help venv dev test test-fast lint bench bench-quick bench-batches bench-purge profile up faults
+.PHONY: help venv dev test test-fast lint bench bench-quick bench-batches bench-purge bench-purge-compare profile up faults
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ bench-batches: ## the product's drain against celery-batches, same backlog (inst
 
 bench-purge: ## the retention purge over 1,000,000 rows, and the ingest's latency meanwhile (~10 min)
 	PYTHONPATH=. $(PY) -m bench.purge $(BENCH_ARGS)
+
+bench-purge-compare: ## what in a purge batch the ingest feels: purge settings, CPU, WAL (~22 min)
+	PYTHONPATH=. $(PY) -m bench.purge_compare $(BENCH_ARGS)
 
 profile: ## py-spy profile of an ingest worker and a celery pool child under load
 	PYTHONPATH=. $(PY) -m bench.profile $(BENCH_ARGS)

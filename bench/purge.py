@@ -39,8 +39,11 @@ from shared.db import make_engine, make_sessionmaker
 from shared.envelope import Subjects, event_subjects
 from shared.lifecycle import PurgeResult, erase_customer, purge
 from shared.models import WebhookEvent
+from shared.settings import Settings
 
 RESULTS = stack.ROOT / "bench" / "results" / "purge.json"
+# The product's own defaults for PURGE_BATCH_SIZE and PURGE_PAUSE_SECONDS.
+DEFAULTS = Settings.model_fields
 RETENTION_DAYS = 30
 
 
@@ -284,9 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=int, default=5, help="windows before (and after) the purge"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
-    parser.add_argument("--batch-size", type=int, default=500, help="PURGE_BATCH_SIZE")
     parser.add_argument(
-        "--pause", type=float, default=0.25, help="PURGE_PAUSE_SECONDS: seconds between batches"
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["purge_batch_size"].default,
+        help="PURGE_BATCH_SIZE",
+    )
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=DEFAULTS["purge_pause_seconds"].default,
+        help="PURGE_PAUSE_SECONDS: seconds between batches",
     )
     parser.add_argument("--no-erasure", action="store_true", help="skip the erasure timing")
     args = parser.parse_args(argv)

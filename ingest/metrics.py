@@ -19,10 +19,9 @@ from sqlalchemy.orm import Session
 
 from shared.changes import outbound_summary
 from shared.db import utcnow
-from shared.lifecycle import PURGED_BYTES, PURGED_EVENTS
+from shared.lifecycle import PURGED_BYTES, PURGED_EVENTS, oldest_body_kept
 from shared.models import (
     FINAL_STATUSES,
-    PURGEABLE,
     CustomerErasure,
     EventStatus,
     LifecycleCounter,
@@ -174,10 +173,6 @@ class EventStoreCollector(Collector):
         return rows, first, outbound
 
     def _lifecycle(self) -> tuple[dict[str, int], datetime | None, int]:
-        ev = WebhookEvent
-        oldest_body = select(func.min(ev.processed_at)).where(
-            ev.purged_at.is_(None), ev.status.in_([str(s) for s in PURGEABLE])
-        )
         with self._engine.connect() as conn, conn.begin():
             if conn.dialect.name == "postgresql":
                 conn.execute(text(f"SET LOCAL statement_timeout = {DB_QUERY_TIMEOUT_MS}"))
@@ -187,7 +182,7 @@ class EventStoreCollector(Collector):
                     select(LifecycleCounter.name, LifecycleCounter.value)
                 )
             }
-            first = conn.execute(oldest_body).scalar()
+            first = oldest_body_kept(conn)
             erasures = int(
                 conn.execute(select(func.count()).select_from(CustomerErasure)).scalar() or 0
             )

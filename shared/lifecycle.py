@@ -10,16 +10,17 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from itertools import chain
-from typing import Any, cast
+from typing import Any, Final, TypeVar, cast
 
 from psycopg.errors import DeadlockDetected, SerializationFailure
 from sqlalchemy import (
     ColumnElement,
     Table,
     Text,
+    case,
     delete,
     false,
     func,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,6 +63,8 @@ from shared.models import (
     Subscription,
     WebhookEvent,
 )
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------- retention
 
@@ -107,13 +111,61 @@ def purge_cutoff(retention_days: int, now: datetime | None = None) -> datetime |
     return (now or utcnow()) - timedelta(days=retention_days)
 
 
-def _purgeable(cutoff: datetime) -> list[ColumnElement[bool]]:
+# The purge's mark, in `lifecycle_counters` as microseconds since the epoch: every purgeable
+# event whose processing finished before it has been purged. A run starts there instead of at
+# the first processed event: purged rows stay in `ix_webhook_events_processed_at` (so that a
+# purge is a HOT update, migration 0007), and walking them again would cost a heap visit each.
+PURGE_MARK = "purge_mark_us"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# pg_advisory_xact_lock's key for a purge batch: b"dodopurg" as a big-endian int64. Two runs
+# at once (beat's and an operator's) take turns batch by batch: neither waits on the other's
+# rows, nor counts one twice.
+PURGE_LOCK: Final = int.from_bytes(b"dodopurg", "big", signed=True)
+
+
+def purge_mark(conn: Session | Connection) -> datetime | None:
+    """Where the next purge run starts: every purgeable event processed before it is purged."""
+    value = conn.scalar(select(LifecycleCounter.value).where(LifecycleCounter.name == PURGE_MARK))
+    return None if value is None else _EPOCH + timedelta(microseconds=int(value))
+
+
+def _advance_mark(session: Session, reached: datetime) -> None:
+    table = cast(Table, LifecycleCounter.__table__)
+    insert = dialect_insert(session.get_bind().dialect.name)(table)
+    value = (reached - _EPOCH) // timedelta(microseconds=1)
+    session.execute(
+        insert.values(name=PURGE_MARK, value=value).on_conflict_do_update(
+            index_elements=["name"],
+            set_={
+                "value": case(
+                    (insert.excluded.value > table.c.value, insert.excluded.value),
+                    else_=table.c.value,
+                )
+            },
+        )
+    )
+
+
+def _held(since: datetime | None) -> list[ColumnElement[bool]]:
+    """Processed and ignored events still holding their body, processed from `since` on."""
     ev = WebhookEvent
-    return [
-        ev.purged_at.is_(None),
+    where: list[ColumnElement[bool]] = [
         ev.status.in_([str(s) for s in PURGEABLE]),
-        ev.processed_at < cutoff,
+        ev.purged_at.is_(None),
     ]
+    if since is not None:
+        where.append(ev.processed_at >= since)
+    return where
+
+
+def _purgeable(cutoff: datetime, since: datetime | None = None) -> list[ColumnElement[bool]]:
+    return [*_held(since), WebhookEvent.processed_at < cutoff]
+
+
+def oldest_body_kept(conn: Session | Connection) -> datetime | None:
+    """When the oldest processed or ignored event still holding its body finished."""
+    held = _held(purge_mark(conn))
+    return conn.scalar(select(func.min(WebhookEvent.processed_at)).where(*held))
 
 
 def _stored_size() -> ColumnElement[int]:
@@ -136,38 +188,50 @@ class Batch:
 def purge_batch(
     session: Session, cutoff: datetime, limit: int, after: datetime | None = None
 ) -> Batch:
-    """Purge up to `limit` events, oldest first from `after`, in the caller's transaction.
+    """Purge up to `limit` events, oldest first from `after`, in the caller's transaction,
+    and move the mark to the last one.
 
-    The rows are taken with `FOR UPDATE SKIP LOCKED`: a row another purge holds is left to
-    it, and only these rows are locked, briefly - the ingest inserts new rows and never
-    waits (a duplicate delivery of one of these waits for this transaction at most, then
-    answers 200 duplicate). `after` lets a run walk the index forward: the entries of the
-    rows it purged stay in the index until vacuum, and starting each batch from the
-    beginning again made every batch slower than the one before.
+    On PostgreSQL one statement picks the rows and rewrites them (`UPDATE … FROM (SELECT …
+    LIMIT) RETURNING`), after the batch lock (`PURGE_LOCK`) that makes a second purge run
+    wait for this batch's commit rather than pick the same rows. Only these rows are locked,
+    for the milliseconds of the statement: the ingest inserts new rows and never waits (a
+    duplicate delivery of one of these waits for this transaction at most, then answers 200
+    duplicate), and an erasure that holds one of them makes the batch wait for it.
     """
     ev = WebhookEvent
-    where = _purgeable(cutoff)
-    if after is not None:
-        where.append(ev.processed_at >= after)
-    rows = session.execute(
+    picked = (
         select(ev.webhook_id, ev.processed_at, _stored_size().label("size"))
-        .where(*where)
+        .where(*_purgeable(cutoff, after))
         .order_by(ev.processed_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    )
+    # null(): the JSON type would store a JSON `null` for None.
+    purged = {"body": null(), "headers": null(), "purged_at": utcnow()}
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(PURGE_LOCK)))
+        chosen = picked.subquery()
+        rows = session.execute(
+            update(ev)
+            .where(ev.webhook_id == chosen.c.webhook_id, ev.purged_at.is_(None))
+            .values(purged)
+            .returning(chosen.c.processed_at, chosen.c.size)
+            .execution_options(synchronize_session=False)
+        ).all()
+    else:  # SQLite (the dev server): one writer at a time, and no RETURNING from a FROM.
+        rows = session.execute(picked).all()
+        session.execute(
+            update(ev)
+            .where(ev.webhook_id.in_([row.webhook_id for row in rows]))
+            .values(purged)
+            .execution_options(synchronize_session=False)
+        )
     if not rows:
         return Batch(0, 0, after)
-    session.execute(
-        update(ev)
-        .where(ev.webhook_id.in_([row.webhook_id for row in rows]))
-        # null(): the JSON type would store a JSON `null` for None.
-        .values(body=null(), headers=null(), purged_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
     events, size = len(rows), sum(int(row.size or 0) for row in rows)
+    reached = max(row.processed_at for row in rows)
     add_counters(session, {PURGED_EVENTS: events, PURGED_BYTES: size})
-    return Batch(events, size, max(row.processed_at for row in rows))
+    _advance_mark(session, reached)
+    return Batch(events, size, reached)
 
 
 def _delivered_before(cutoff: datetime) -> list[ColumnElement[bool]]:
@@ -228,11 +292,13 @@ def purge(
     result = PurgeResult(retention_days, cutoff, dry_run)
     if cutoff is None:
         return result
+    with factory() as session:
+        mark = purge_mark(session)
     if dry_run:
         with factory() as session:
             count, size = session.execute(
                 select(func.count(), func.coalesce(func.sum(_stored_size()), 0)).where(
-                    *_purgeable(cutoff)
+                    *_purgeable(cutoff, mark)
                 )
             ).one()
             result.deliveries = int(
@@ -246,19 +312,18 @@ def purge(
         result.deliveries += removed
         if removed < batch_size:
             break
-    reached: list[datetime | None] = [None]
+    reached: list[datetime | None] = [mark]
 
     def step() -> int:
-        with transaction(factory) as session:
-            batch = purge_batch(session, cutoff, batch_size, reached[0])
+        batch = _in_transaction_retried(
+            factory, lambda session: purge_batch(session, cutoff, batch_size, reached[0])
+        )
         reached[0] = batch.reached
         result.events += batch.events
         result.bytes += batch.bytes
         result.batches += 1
         if progress is not None and batch.events:
             progress(result)
-        # Rows skipped because another purge held them are that purge's, or the next run's
-        # (it starts from the beginning).
         return batch.events
 
     result.complete = paced(
@@ -323,7 +388,9 @@ def backfill_subjects(
 
     def step() -> int:
         with transaction(factory) as session:
-            query = select(ev.webhook_id, ev.received_at, ev.body).where(UNATTRIBUTED)
+            query = select(ev.webhook_id, ev.received_at, ev.body).where(
+                UNATTRIBUTED, ev.body.is_not(None)
+            )
             if position[0] is not None:
                 query = query.where(tuple_(ev.received_at, ev.webhook_id) > tuple_(*position[0]))
             rows = session.execute(
@@ -354,7 +421,11 @@ def backfill_subjects(
 
 
 def lifecycle_totals(session: Session) -> dict[str, int]:
-    rows = session.execute(select(LifecycleCounter.name, LifecycleCounter.value)).all()
+    rows = session.execute(
+        select(LifecycleCounter.name, LifecycleCounter.value).where(
+            LifecycleCounter.name != PURGE_MARK
+        )
+    ).all()
     return {name: int(value) for name, value in rows}
 
 
@@ -842,15 +913,14 @@ def _erase_event_rows(
     return count
 
 
-# An erasure locks rows that a worker's batch may be locking in another order: PostgreSQL
-# then ends one of the two transactions as a deadlock. The worker's retries on its own; the
-# erasure does too, a few times, rather than fail the operator's request.
+# An erasure locks rows that a worker's batch (or a purge batch) may be locking in another
+# order: PostgreSQL then ends one of the two transactions as a deadlock. The worker's retries
+# on its own; the erasure and the purge do too, a few times, rather than fail the operator's
+# request.
 _LOCK_RETRIES = 5
 
 
-def _in_transaction_retried(
-    factory: sessionmaker[Session], work: Callable[[Session], TableCount]
-) -> TableCount:
+def _in_transaction_retried(factory: sessionmaker[Session], work: Callable[[Session], T]) -> T:
     for attempt in range(1, _LOCK_RETRIES + 1):
         try:
             with transaction(factory) as session:

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     purge_interval_seconds: float = Field(default=600.0, gt=0)
     purge_run_seconds: float = Field(default=60.0, gt=0)
     # A pause after each batch, so a long purge leaves the database to the ingest.
-    purge_pause_seconds: float = Field(default=0.25, ge=0, le=60)
+    purge_pause_seconds: float = Field(default=1.0, ge=0, le=60)
     # The change feed's push (DESIGN.md "Change feed").
     outbound_webhook_url: Annotated[list[str], NoDecode] = Field(default_factory=list)
     outbound_webhook_secret: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -204,6 +204,36 @@ class TestPurgeBench:
         assert "erase-customer" in done.stdout and "without a purge" in done.stdout
 
 
+class TestPurgeCompareBench:
+    """bench/purge_compare.py on a tiny table: each variant's windows sit between stopped ones,
+    and each does what it says (the purge purges, the WAL writer writes WAL)."""
+
+    def test_a_tiny_run_pairs_each_variant_with_stopped_windows(self, tmp_path: Path) -> None:
+        out = tmp_path / "compare.json"
+        args = ["--rows", "12000", "--rate", "20", "--window", "1", "--reps", "1"]
+        args += ["--variants", "none,purge:500:0.25,cpu,wal", "--out", str(out)]
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.purge_compare", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(out.read_text())
+        kinds = [w["kind"] for w in report["windows"]]
+        assert kinds[::2] == ["stopped"] * 5
+        assert sorted(kinds[1::2]) == ["cpu", "none", "purge:500:0.25", "wal"]
+        by_kind = {w["kind"]: w for w in report["windows"]}
+        assert by_kind["purge:500:0.25"]["purged_events"] > 0
+        assert by_kind["wal"]["wal_bytes"] > 2 * by_kind["none"]["wal_bytes"]
+        assert by_kind["cpu"]["runs"] > 0
+        assert set(report["minus_neighbours_ms"]) == {"none", "purge:500:0.25", "cpu", "wal"}
+        assert all(w["statuses"] == {"202": 20} for w in report["windows"])
+        assert "VARIANT" in done.stdout
+
+
 class TestCeleryBatchesApply:
     """bench/batches_apply.py, the body of the celery-batches task of `make bench-batches`.
 

@@ -13,8 +13,9 @@ from sqlalchemy import Engine, create_engine, func, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+from cli.samples import sample_event
 from shared import lifecycle
-from shared.catalog import queue_for
+from shared.catalog import KIND_OF, queue_for
 from shared.db import make_sessionmaker, transaction, utcnow
 from shared.lifecycle import (
     ERASED_TEXT,
@@ -75,6 +76,29 @@ def five_expired_payments(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(update(WebhookEvent).values(status=EventStatus.PROCESSED))
     backdate(engine, ids, days=40)
+
+
+def expired_sample_mix(engine: Engine, n: int) -> None:
+    """`n` processed events, one of each sample type in turn (bodies of 100 B to 2 kB), their
+    processing finished 40 days ago, in that order."""
+    types = sorted(KIND_OF)
+    old = utcnow() - timedelta(days=40)
+    rows = [
+        {
+            "webhook_id": f"msg_mix_{i:05d}",
+            "type": types[i % len(types)],
+            "status": EventStatus.PROCESSED,
+            "attempts": 1,
+            "body": json.dumps(sample_event(types[i % len(types)])).encode(),
+            "headers": {"webhook-id": f"msg_mix_{i:05d}"},
+            "webhook_ts": 1,
+            "received_at": old,
+            "processed_at": old + timedelta(milliseconds=i),
+        }
+        for i in range(n)
+    ]
+    with engine.begin() as conn:
+        conn.execute(WebhookEvent.__table__.insert(), rows)
 
 
 def event(engine: Engine, webhook_id: str) -> WebhookEvent:
@@ -246,7 +270,8 @@ class TestPurge:
     def test_two_purges_at_once_share_the_work_and_count_each_row_once(
         self, clean_db: Engine
     ) -> None:
-        """Beat's run and an operator's `purge` side by side: SKIP LOCKED, no double count."""
+        """Beat's run and an operator's `purge` side by side: they take turns batch by batch
+        (the batch lock), neither counts a row twice."""
         template = body_for("payment.succeeded", ALICE, T0)
         rows = [
             {
@@ -286,6 +311,96 @@ class TestPurge:
                 select(func.count()).select_from(WebhookEvent).where(WebhookEvent.body.is_not(None))
             )
             assert left == 0
+
+    def test_a_purge_rewrites_each_row_in_its_page_and_adds_no_index_entry(
+        self, clean_db: Engine
+    ) -> None:
+        """A HOT update (counted by PostgreSQL for the batch's own transaction, on a backend
+        of its own): no index names a column the purge changes, and the fillfactor leaves the
+        smaller row version room in the page, for bodies of every size the samples have."""
+        expired_sample_mix(clean_db, 300)
+        fresh = create_engine(clean_db.url, poolclass=NullPool)
+        cutoff = lifecycle.purge_cutoff(30)
+        assert cutoff is not None
+        with Session(fresh) as session, session.begin():
+            batch = lifecycle.purge_batch(session, cutoff, 300)
+            updated, hot = session.execute(
+                text(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+                    " WHERE relname = 'webhook_events'"
+                )
+            ).one()
+        fresh.dispose()
+        assert batch.events == 300
+        assert (updated, hot) == (300, 300)
+
+    def test_a_run_starts_at_the_mark_and_reads_no_purged_row_again(self, clean_db: Engine) -> None:
+        """Purged rows stay in the index the purge walks; the mark (the last purged row's
+        `processed_at`) keeps the next run, its dry run and the oldest-body metric off them.
+        Without the mark the same query reads them all: the measure can tell."""
+        expired_sample_mix(clean_db, 2000)
+        factory = make_sessionmaker(clean_db)
+        done = purge(factory, retention_days=30, batch_size=500)
+        assert done.events == 2000
+        with Session(clean_db) as session:
+            last = session.scalar(select(func.max(WebhookEvent.processed_at)))
+            assert lifecycle.purge_mark(session) == last
+        kept = "msg_kept_body"
+        store_event(clean_db, kept, "payment.succeeded", status=EventStatus.PROCESSED)
+        backdate(clean_db, [kept], days=1)
+
+        def reads() -> tuple[Any, int]:
+            fresh = create_engine(clean_db.url, poolclass=NullPool)
+            with Session(fresh) as session, session.begin():
+                oldest = lifecycle.oldest_body_kept(session)
+                fetched = session.execute(
+                    text(
+                        "SELECT seq_tup_read + idx_tup_fetch FROM pg_stat_xact_user_tables"
+                        " WHERE relname = 'webhook_events'"
+                    )
+                ).scalar_one()
+            fresh.dispose()
+            return oldest, int(fetched)
+
+        oldest, fetched = reads()
+        assert oldest == event(clean_db, kept).processed_at
+        assert fetched <= 2, fetched
+        assert purge(factory, retention_days=30, batch_size=500, dry_run=True).events == 0
+        with clean_db.begin() as conn:
+            conn.execute(
+                text("DELETE FROM lifecycle_counters WHERE name = :n"), {"n": lifecycle.PURGE_MARK}
+            )
+        oldest, fetched = reads()
+        assert oldest == event(clean_db, kept).processed_at
+        assert fetched >= 2000, fetched
+
+    def test_a_purge_waits_for_a_row_an_erasure_holds_then_purges_it(
+        self, clean_db: Engine
+    ) -> None:
+        """The purge no longer skips locked rows (a skipped row would fall behind the mark):
+        it waits for the holder's commit, then purges the row with the others."""
+        five_expired_payments(clean_db)
+        held = feed_ids(clean_db)[2]
+        other = create_engine(clean_db.url, poolclass=NullPool)
+        factory = make_sessionmaker(clean_db)
+        results: list[Any] = []
+        with Session(other) as holder:
+            holder.execute(
+                select(WebhookEvent.webhook_id)
+                .where(WebhookEvent.webhook_id == held)
+                .with_for_update()
+            ).one()
+            purger = threading.Thread(
+                target=lambda: results.append(purge(factory, retention_days=30, batch_size=500))
+            )
+            purger.start()
+            purger.join(timeout=1.0)
+            assert purger.is_alive(), "the purge did not wait for the held row"
+            holder.commit()
+        purger.join(timeout=30)
+        other.dispose()
+        assert [r.events for r in results] == [5]
+        assert event(clean_db, held).body is None
 
     def test_retention_zero_keeps_everything(self, clean_db: Engine) -> None:
         feed = Feed(clean_db)

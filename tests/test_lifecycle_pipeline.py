@@ -91,10 +91,11 @@ class TestRetentionInThePipeline:
                     .where(WebhookEvent.webhook_id.in_([w for w, _ in old]))
                     .values(processed_at=datetime.now(UTC) - timedelta(days=31))
                 )
-                # As if recorded before migration 0006: the same task fills these in.
+                # As if recorded before migration 0006: the same task fills these in, the old
+                # payment's too, before the purge takes the body they are read from.
                 conn.execute(
                     update(WebhookEvent)
-                    .where(WebhookEvent.webhook_id == "msg_recent")
+                    .where(WebhookEvent.webhook_id.in_(["msg_recent", "msg_old_pay"]))
                     .values(customer_id=None, payment_id=None)
                 )
             # Beat's job, sent as beat sends it, run by the worker on the maintenance queue.
@@ -104,15 +105,20 @@ class TestRetentionInThePipeline:
                 with Session(clean_db) as session:
                     rows = [session.get(WebhookEvent, w) for w, _ in old]
                     recent = session.get(WebhookEvent, "msg_recent")
-                    return all(r is not None and r.purged_at is not None for r in rows) and (
-                        recent is not None and recent.customer_id == BOB.customer_id
+                    return (
+                        all(r is not None and r.purged_at is not None for r in rows)
+                        and recent is not None
+                        and recent.customer_id == BOB.customer_id
                     )
 
-            wait_until(purged, what="the purge task to purge, then record the subjects")
+            wait_until(purged, what="the purge task to record the subjects, then purge")
             with Session(clean_db) as session:
                 recent_row = session.get(WebhookEvent, "msg_recent")
                 assert recent_row is not None and recent_row.body is not None
                 assert recent_row.payment_id == "pay_b"
+                old_pay = session.get(WebhookEvent, "msg_old_pay")
+                assert old_pay is not None and old_pay.body is None
+                assert (old_pay.customer_id, old_pay.payment_id) == (ALICE.customer_id, "pay_a")
                 before = {
                     w: (r.status, r.attempts, r.processed_at)
                     for w in ("msg_old_pay", "msg_old_credit")

@@ -290,9 +290,10 @@ def reconcile_with_dodo() -> int:
 
 @app.task(name=PURGE, ignore_result=True)
 def purge() -> int:
-    """Retention: remove old raw bodies and headers (RETENTION_DAYS), batch by batch; then
-    record the customer and payment of events held from before migration 0006, which the
-    erasure otherwise has to find by reading their bodies (`lifecycle.backfill_subjects`).
+    """First record the customer and payment of events held from before migration 0006, which
+    the erasure otherwise has to find by reading their bodies (`lifecycle.backfill_subjects`):
+    it needs their bodies, so it goes before the purge. Then retention: remove old raw bodies
+    and headers (RETENTION_DAYS), batch by batch.
 
     Each part stops after PURGE_RUN_SECONDS so that the re-drive, on the same queue, is not
     held up behind a long backlog; the task then sends itself again to carry on.
@@ -303,24 +304,6 @@ def purge() -> int:
         settings.purge_run_seconds,
         settings.purge_pause_seconds,
     )
-    purged = 0
-    if settings.retention_days > 0:
-        result = lifecycle.purge(
-            sessions,
-            retention_days=settings.retention_days,
-            batch_size=batch,
-            run_seconds=budget,
-            pause_seconds=pause,
-        )
-        purged = result.events
-        if result.events:
-            log.info(
-                "purged raw bodies",
-                extra={"step": "purge", "count": result.events, "bytes": result.bytes},
-            )
-        if not result.complete:
-            app.send_task(PURGE)
-            return purged
     backfill = lifecycle.backfill_subjects(
         sessions, batch_size=batch, run_seconds=budget, pause_seconds=pause
     )
@@ -331,7 +314,24 @@ def purge() -> int:
         )
     if not backfill.complete:
         app.send_task(PURGE)
-    return purged
+        return 0
+    if settings.retention_days <= 0:
+        return 0
+    result = lifecycle.purge(
+        sessions,
+        retention_days=settings.retention_days,
+        batch_size=batch,
+        run_seconds=budget,
+        pause_seconds=pause,
+    )
+    if result.events:
+        log.info(
+            "purged raw bodies",
+            extra={"step": "purge", "count": result.events, "bytes": result.bytes},
+        )
+    if not result.complete:
+        app.send_task(PURGE)
+    return result.events
 
 
 OUTBOUND_URLS = tuple(settings.outbound_webhook_url)
