@@ -26,6 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -156,6 +159,45 @@ def offered_load(port: int, secret: str, rate: int, duration: float, work: Path,
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed:\n{done.stdout}\n{done.stderr}")
     return json.loads(done.stdout)
+
+
+@dataclass(frozen=True)
+class Rig:
+    work: Path
+    engine: Engine
+    secret: str
+    env: dict[str, str]
+
+
+@contextmanager
+def rig(prefix: str) -> Iterator[Rig]:
+    """A work folder, a fresh migrated database and its engine, a redis-server of its own,
+    and the ingest's environment for them (with a new signing secret)."""
+    secret = new_secret()
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
+        stack.bench_database() as db_url,
+        stack.redis_server(Path(tmp)) as redis_url,
+    ):
+        engine = make_engine(db_url)
+        env = {
+            "DATABASE_URL": db_url,
+            "REDIS_URL": redis_url,
+            "DODO_PAYMENTS_WEBHOOK_KEY": secret,
+            "LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        }
+        try:
+            yield Rig(Path(tmp), engine, secret, env)
+        finally:
+            engine.dispose()
+
+
+@contextmanager
+def ingest(bench: Rig) -> Iterator[int]:
+    """The ingest (gunicorn, the product's app) on the rig's database and Redis: its port."""
+    with stack.gunicorn("ingest:create_app()", bench.env, bench.work, "ingest") as proc:
+        yield proc.port  # type: ignore[attr-defined]
 
 
 def checkpoint(engine: Engine) -> None:
@@ -302,15 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-erasure", action="store_true", help="skip the erasure timing")
     args = parser.parse_args(argv)
 
-    secret = new_secret()
     windows: list[dict[str, Any]] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-purge-") as tmp,
-        stack.bench_database() as db_url,
-        stack.redis_server(Path(tmp)) as redis_url,
-    ):
-        work = Path(tmp)
-        engine = make_engine(db_url)
+    with rig("bench-purge-") as bench:
+        work, engine, secret = bench.work, bench.engine, bench.secret
         began = time.monotonic()
         table_bytes = seed(engine, args.rows)
         progress(f"seeded {args.rows} rows ({table_bytes / 1e6:.0f} MB)", began)
@@ -318,15 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         if erasure:
             progress(f"erasure: {erasure}", began)
         checkpoint(engine)
-        env = {
-            "DATABASE_URL": db_url,
-            "REDIS_URL": redis_url,
-            "DODO_PAYMENTS_WEBHOOK_KEY": secret,
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-        }
-        with stack.gunicorn("ingest:create_app()", env, work, "ingest") as ingest:
-            port: int = ingest.port  # type: ignore[attr-defined]
+        with ingest(bench) as port:
 
             def add(kind: str, measured: dict[str, Any]) -> dict[str, Any]:
                 windows.append({"kind": kind, **measured})
@@ -362,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
             left = conn.execute(
                 select(func.count()).where(WebhookEvent.body.is_not(None))
             ).scalar_one()
-        engine.dispose()
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": args.rows,

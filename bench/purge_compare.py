@@ -26,7 +26,6 @@ import argparse
 import json
 import random
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -37,9 +36,18 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from bench import stack
-from bench.deliveries import new_secret
-from bench.purge import DEFAULTS, RETENTION_DAYS, checkpoint, progress, seed, spread, window
-from shared.db import make_engine, make_sessionmaker, transaction
+from bench.purge import (
+    DEFAULTS,
+    RETENTION_DAYS,
+    checkpoint,
+    ingest,
+    progress,
+    rig,
+    seed,
+    spread,
+    window,
+)
+from shared.db import make_sessionmaker, transaction
 from shared.lifecycle import purge, purge_batch, purge_cutoff
 
 RESULTS = stack.ROOT / "bench" / "results" / "purge-compare.json"
@@ -185,29 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     rng = random.Random(args.seed)
-    secret = new_secret()
     windows: list[dict[str, Any]] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-purge-compare-") as tmp,
-        stack.bench_database() as db_url,
-        stack.redis_server(Path(tmp)) as redis_url,
-    ):
-        work = Path(tmp)
-        engine = make_engine(db_url)
+    with rig("bench-purge-compare-") as bench:
+        work, engine, secret = bench.work, bench.engine, bench.secret
         began = time.monotonic()
         seed(engine, args.rows)
         cal = calibrate(engine)
         progress(f"seeded {args.rows}; calibration {cal}", began)
         checkpoint(engine)
-        env = {
-            "DATABASE_URL": db_url,
-            "REDIS_URL": redis_url,
-            "DODO_PAYMENTS_WEBHOOK_KEY": secret,
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-        }
-        with stack.gunicorn("ingest:create_app()", env, work, "ingest") as ingest:
-            port: int = ingest.port  # type: ignore[attr-defined]
+        with ingest(bench) as port:
 
             def add(kind: str, job: Callable[[], dict[str, Any]] | None) -> None:
                 name = f"w{len(windows)}"
@@ -225,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
                 for name in rng.sample(variants, len(variants)):
                     add(name, variant_job(name, engine, cal, args.window))
                     add("stopped", None)
-        engine.dispose()
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": args.rows,

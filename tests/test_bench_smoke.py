@@ -28,8 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_module("bench.run", *args, env=env)
+
+
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m module args` from the repository, as `make bench*` runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "bench.run", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         capture_output=True,
@@ -157,14 +164,7 @@ class TestConsoleBench:
     def test_times_every_console_page_on_a_small_inbox(self, tmp_path: Path) -> None:
         out = tmp_path / "console.json"
         argv = ["--events", "3000", "--repeat", "1", "--out", str(out)]
-        result = subprocess.run(
-            [sys.executable, "-m", "bench.console", *argv],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        result = run_module("bench.console", *argv)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         pages = json.loads(out.read_text())["pages"]
         assert len(pages) == 20
@@ -180,14 +180,7 @@ class TestPurgeBench:
     ) -> None:
         out = tmp_path / "purge.json"
         args = ["--rows", "3000", "--rate", "20", "--window", "1", "--baseline", "3"]
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.purge", *args, "--pause", "0", "--out", str(out)],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_module("bench.purge", *args, "--pause", "0", "--out", str(out))
         assert done.returncode == 0, done.stderr
         report = json.loads(out.read_text())
         assert report["purge"]["events"] == 3000 and report["purge"]["bytes"] > 3000 * 1000
@@ -212,14 +205,7 @@ class TestPurgeCompareBench:
         out = tmp_path / "compare.json"
         args = ["--rows", "12000", "--rate", "20", "--window", "1", "--reps", "1"]
         args += ["--variants", "none,purge:500:0.25,cpu,wal", "--out", str(out)]
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.purge_compare", *args],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_module("bench.purge_compare", *args)
         assert done.returncode == 0, done.stderr
         report = json.loads(out.read_text())
         kinds = [w["kind"] for w in report["windows"]]
