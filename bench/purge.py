@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,7 +40,7 @@ from bench.deliveries import new_secret, write_requests
 from cli.samples import sample_event
 from shared.db import make_engine, make_sessionmaker
 from shared.envelope import Subjects, event_subjects
-from shared.lifecycle import PurgeResult, erase_customer, purge
+from shared.lifecycle import erase_customer, purge
 from shared.models import WebhookEvent
 from shared.settings import Settings
 
@@ -236,38 +236,55 @@ def window(
     }
 
 
+Job = Callable[[], dict[str, Any]]
+
+
+def window_beside(
+    engine: Engine,
+    port: int,
+    secret: str,
+    args: argparse.Namespace,
+    work: Path,
+    name: str,
+    job: Job | None,
+) -> dict[str, Any]:
+    """One window of load while `job` runs in a thread beside it (for as long, as it is
+    given to), then what the job returned, merged in."""
+    done: list[dict[str, Any]] = []
+    thread = None
+    if job is not None:
+        thread = threading.Thread(target=lambda: done.append(job()))
+        thread.start()
+    measured = window(engine, port, secret, args, work, name)
+    if thread is not None:
+        thread.join()
+        measured.update(done[0])
+    return measured
+
+
 def purge_window(
     engine: Engine, port: int, secret: str, args: argparse.Namespace, work: Path, name: str
 ) -> dict[str, Any]:
     """One window of load while the purge runs for that long (beat's task does the same with
     PURGE_RUN_SECONDS), then the purge's share of it."""
-    result: list[PurgeResult] = []
-    took: list[float] = []
 
-    def run() -> None:
+    def run() -> dict[str, Any]:
         started = time.monotonic()
-        result.append(
-            purge(
-                make_sessionmaker(engine),
-                retention_days=RETENTION_DAYS,
-                batch_size=args.batch_size,
-                pause_seconds=args.pause,
-                run_seconds=args.window,
-            )
+        result = purge(
+            make_sessionmaker(engine),
+            retention_days=RETENTION_DAYS,
+            batch_size=args.batch_size,
+            pause_seconds=args.pause,
+            run_seconds=args.window,
         )
-        took.append(time.monotonic() - started)
+        return {
+            "purge_seconds": round(time.monotonic() - started, 2),
+            "purged_events": result.events,
+            "purged_bytes": result.bytes,
+            "purge_complete": result.complete,
+        }
 
-    purger = threading.Thread(target=run)
-    purger.start()
-    measured = window(engine, port, secret, args, work, name)
-    purger.join()
-    return {
-        **measured,
-        "purge_seconds": round(took[0], 2),
-        "purged_events": result[0].events,
-        "purged_bytes": result[0].bytes,
-        "purge_complete": result[0].complete,
-    }
+    return window_beside(engine, port, secret, args, work, name, run)
 
 
 def spread(values: list[float]) -> dict[str, float]:

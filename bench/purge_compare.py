@@ -26,9 +26,7 @@ import argparse
 import json
 import random
 import statistics
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,13 +37,14 @@ from bench import stack
 from bench.purge import (
     DEFAULTS,
     RETENTION_DAYS,
+    Job,
     checkpoint,
     ingest,
     progress,
     rig,
     seed,
     spread,
-    window,
+    window_beside,
 )
 from shared.db import make_sessionmaker, transaction
 from shared.lifecycle import purge, purge_batch, purge_cutoff
@@ -91,9 +90,7 @@ def calibrate(engine: Engine, batches: int = 20) -> dict[str, float]:
     }
 
 
-def pacer(
-    engine: Engine, statement: str, params: dict[str, Any], seconds: float
-) -> Callable[[], dict[str, Any]]:
+def pacer(engine: Engine, statement: str, params: dict[str, Any], seconds: float) -> Job:
     """Run `statement` in a loop for `seconds`, pausing the default purge's pause between."""
 
     def run() -> dict[str, Any]:
@@ -109,9 +106,7 @@ def pacer(
     return run
 
 
-def variant_job(
-    name: str, engine: Engine, cal: dict[str, float], seconds: float
-) -> Callable[[], dict[str, Any]] | None:
+def variant_job(name: str, engine: Engine, cal: dict[str, float], seconds: float) -> Job | None:
     if name == "none":
         return None
     if name == "cpu":
@@ -148,19 +143,12 @@ def measured_window(
     args: argparse.Namespace,
     work: Path,
     name: str,
-    job: Callable[[], dict[str, Any]] | None,
+    job: Job | None,
 ) -> dict[str, Any]:
-    done: list[dict[str, Any]] = []
-    thread = None
-    if job is not None:
-        thread = threading.Thread(target=lambda: done.append(job()))
-        thread.start()
+    """A window with `job` beside it, and the WAL the database wrote meanwhile."""
     lsn = wal_lsn(engine)
-    measured = window(engine, port, secret, args, work, name)
+    measured = window_beside(engine, port, secret, args, work, name, job)
     measured["wal_bytes"] = wal_lsn(engine) - lsn
-    if thread is not None:
-        thread.join()
-        measured.update(done[0])
     return measured
 
 
@@ -203,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint(engine)
         with ingest(bench) as port:
 
-            def add(kind: str, job: Callable[[], dict[str, Any]] | None) -> None:
+            def add(kind: str, job: Job | None) -> None:
                 name = f"w{len(windows)}"
                 measured = measured_window(engine, port, secret, args, work, name, job)
                 windows.append({"kind": kind, **measured})

@@ -294,8 +294,7 @@ def purge(
         return result
     with factory() as session:
         mark = purge_mark(session)
-    if dry_run:
-        with factory() as session:
+        if dry_run:
             count, size = session.execute(
                 select(func.count(), func.coalesce(func.sum(_stored_size()), 0)).where(
                     *_purgeable(cutoff, mark)
@@ -304,8 +303,8 @@ def purge(
             result.deliveries = int(
                 session.scalar(select(func.count()).where(*_delivered_before(cutoff))) or 0
             )
-        result.events, result.bytes = int(count), int(size)
-        return result
+            result.events, result.bytes = int(count), int(size)
+            return result
     while True:
         with transaction(factory) as session:
             removed = purge_deliveries_batch(session, cutoff, batch_size)
