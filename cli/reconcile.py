@@ -61,7 +61,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     with (
         open_sessions(settings, probe=SCHEMA_PROBE) as sessions,
-        _queue(settings, args.dry_run) as enqueue,
+        _queue(settings, args.dry_run) as wake,
     ):
         # Bars for a person at a terminal; a pipe or a log gets the table only.
         progress: Progress = _Bars() if sys.stderr.isatty() and not args.json else Progress()
@@ -70,7 +70,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 report = reconcile(
                     settings,
                     sessions,
-                    enqueue=enqueue,
+                    wake=wake,
                     families=families,
                     since=since,
                     customer_id=args.customer,
@@ -188,17 +188,18 @@ def _nothing() -> Iterator[None]:
 
 @contextmanager
 def _queue(settings: Settings, dry_run: bool) -> Iterator[Any]:
-    """The work signal for each recorded event; when Redis is away the events stay pending
-    and beat's re-drive queues them."""
+    """The work signal for each page of recorded events: a drain of its queue, which applies
+    them in batches; when Redis is away the events stay pending and beat's re-drive queues
+    them."""
     if dry_run:
         yield None
         return
-    from shared.queue import enqueue, make_celery
+    from shared.queue import make_celery, send_drain
 
     celery = make_celery(settings)
     celery.conf.task_publish_retry = False
     celery.conf.broker_connection_timeout = 2
     try:
-        yield lambda webhook_id, event_type: enqueue(celery, webhook_id, event_type, retry=False)
+        yield lambda queue: send_drain(celery, queue, retry=False)
     finally:
         celery.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -261,13 +262,17 @@ def enqueue_requeued(
     *,
     ping: Callable[[], object] | None = None,
 ) -> Sent:
-    """Send the work signals for events already committed as `pending`; stop at the first
-    failure, since the re-drive job queues whatever stays pending.
+    """Wake the drain of each queue the events, already committed as `pending`, belong to:
+    one message per queue, and the drain applies them in batches as it does deliveries (a
+    replay of thousands after a fix is a backlog). Stops at the first failure, since the
+    re-drive job queues whatever stays pending; `queued` counts the events whose drain was
+    woken.
 
     `ping` (a Redis client's, with short timeouts) answers at once when Redis is away, where
     kombu would spend seconds reconnecting before giving up.
     """
-    from shared.queue import enqueue
+    from shared.catalog import queue_for
+    from shared.queue import send_drain
 
     if requeued and ping is not None:
         try:
@@ -277,12 +282,12 @@ def enqueue_requeued(
                 0, f"Redis (REDIS_URL): {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             )
     queued = 0
-    for webhook_id, event_type in requeued:
+    for queue, count in sorted(Counter(queue_for(t) for _, t in requeued).items()):
         try:
-            enqueue(celery, webhook_id, event_type)
+            send_drain(celery, queue)
         except Exception as exc:
             return Sent(queued, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        queued += 1
+        queued += count
     return Sent(queued)
 
 

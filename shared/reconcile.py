@@ -15,6 +15,7 @@ import json
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from sqlalchemy import Boolean, Engine, Integer, Table, func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import BigInteger
 
-from shared.catalog import KIND_OF, KINDS
+from shared.catalog import KIND_OF, KINDS, queue_for
 from shared.db import UTCDateTime, insert_once, transaction, utcnow
 from shared.envelope import Subjects, event_subjects
 from shared.models import (
@@ -611,7 +612,9 @@ def record_events(session: Session, events: Sequence[SyntheticEvent]) -> list[Sy
 # The run
 
 
-Enqueue = Callable[[str, str], None]
+# Wakes the drain of a queue (shared/queue.py `send_drain`): a page of recorded events is a
+# backlog, applied in batches as the ingest's deliveries are, not one task per event.
+Wake = Callable[[str], None]
 
 
 @dataclass
@@ -620,7 +623,7 @@ class Reconciler:
 
     api: DodoApi
     sessions: sessionmaker[Session]
-    enqueue: Enqueue | None
+    wake: Wake | None
     dry_run: bool = False
     since: datetime | None = None
     customer_id: str | None = None
@@ -778,16 +781,16 @@ class Reconciler:
                 f"DATABASE_URL: could not record events: {first_line(exc)}"
             ) from None
         counts.recorded += len(recorded)
-        for event in recorded:
-            if self.enqueue is None:
+        for queue, count in sorted(Counter(queue_for(e.type) for e in recorded).items()):
+            if self.wake is None:
                 return
             try:
-                self.enqueue(event.webhook_id, event.type)
-                report.queued += 1
+                self.wake(queue)
+                report.queued += count
             except Exception as exc:
-                # Recorded and pending: beat's re-drive queues them. Trying each of thousands
-                # against a Redis that is away would take seconds apiece.
-                self.enqueue = None
+                # Recorded and pending: beat's re-drive queues them. Trying each page of
+                # thousands against a Redis that is away would take seconds apiece.
+                self.wake = None
                 report.problems.append(
                     f"REDIS_URL: could not queue ({first_line(exc)}); the events not queued "
                     "stay pending and beat's re-drive queues them"
@@ -964,7 +967,7 @@ def reconcile(
     settings: Settings,
     sessions: sessionmaker[Session],
     *,
-    enqueue: Enqueue | None,
+    wake: Wake | None,
     families: Sequence[str] = FAMILIES,
     since: datetime | None = None,
     customer_id: str | None = None,
@@ -979,7 +982,7 @@ def reconcile(
     reconciler = Reconciler(
         api,
         sessions,
-        None if dry_run else enqueue,
+        None if dry_run else wake,
         dry_run=dry_run,
         since=since,
         customer_id=customer_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -112,6 +113,15 @@ def queued(redis_url: str, queue: str) -> int:
     client = redis.Redis.from_url(redis_url)
     try:
         return int(client.llen(queue))
+    finally:
+        client.close()
+
+
+def queued_tasks(redis_url: str, queue: str) -> list[str]:
+    """The task each message waiting in one of the broker's queues runs."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [json.loads(m)["headers"]["task"] for m in client.lrange(queue, 0, -1)]
     finally:
         client.close()
 

@@ -25,6 +25,7 @@ from tests.dead_letter_support import (
     hours_ago,
     make_counter,
     queued,
+    queued_tasks,
     routes_worker,
     store_event,
     wait_for_status,
@@ -255,7 +256,7 @@ class TestRetryDeadLetters:
         )
         assert (row.processed_at, row.lease_expires_at, row.next_attempt_at) == (None, None, None)
         assert event_row(clean_db, "msg_2").status == "dead"
-        assert queued(settings.redis_url, "payments") == 1
+        assert queued_tasks(settings.redis_url, "payments") == ["workers.drain"]
 
     def test_retry_with_redis_away_leaves_events_pending_for_the_redrive_and_says_so(
         self, settings: Settings, clean_db: Engine

@@ -552,7 +552,9 @@ class TestAFewThousandObjects:
         assert len(calls) <= 31 + 11 + 6 + (4 + 300) + (2 + 100) + (1 + 1 + 50)
 
         with celery_worker(env, tmp_path):
+            started = time.monotonic()
             wait_until(lambda: all_final(clean_db), timeout=300, what="events applied")
+            figures += f", applied by one worker (-c 2) in {time.monotonic() - started:.1f} s"
         fake.clear_requests()
         started = time.monotonic()
         again = run_json(capsys)
@@ -668,6 +670,27 @@ class TestRedisAway:
         with Session(clean_db) as session:
             statuses = set(session.scalars(select(WebhookEvent.status)))
         assert statuses == {EventStatus.PENDING}
+
+
+class TestQueueing:
+    def test_each_page_recorded_wakes_its_queues_drain_once_not_a_task_per_event(
+        self,
+        reconcile_env: dict[str, str],
+        settings: Settings,
+        fake: dodo.FakeDodo,
+        clean_db: Engine,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A backfill is a backlog: the drain applies it in batches, as it does deliveries."""
+        import redis
+
+        fake.put_state(merchant(payments=250, subscriptions=0, license_keys=0))
+        report = run_json(capsys, "--family", "payments")
+        assert report["totals"]["recorded"] == report["queued"] == 250
+        client = redis.Redis.from_url(settings.redis_url)
+        messages = [json.loads(m) for m in client.lrange("payments", 0, -1)]
+        # Three pages of at most 100 payments: one drain of the payments queue each.
+        assert [m["headers"]["task"] for m in messages] == ["workers.drain"] * 3
 
 
 SDK_STATUSES = {

@@ -265,11 +265,11 @@ def reconcile_with_dodo() -> int:
     the run is written to `reconcile_runs`, which /metrics reads."""
     from shared.reconcile import AlreadyRunning, ReconcileError, reconcile
 
-    def signal(webhook_id: str, event_type: str) -> None:
-        enqueue(app, webhook_id, event_type)
+    def wake(queue: str) -> None:
+        send_drain(app, queue)
 
     try:
-        report = reconcile(settings, database.sessions(), enqueue=signal, trigger="beat")
+        report = reconcile(settings, database.sessions(), wake=wake, trigger="beat")
     except AlreadyRunning:
         log.info("reconcile skipped: another run holds the lock", extra={"step": "reconcile"})
         return 0

@@ -22,7 +22,7 @@ from shared.models import (
 )
 from shared.settings import Settings
 from tests.console.conftest import csrf_token, deliver, sign_in
-from tests.dead_letter_support import event_row, hours_ago, queued, store_event
+from tests.dead_letter_support import event_row, hours_ago, queued_tasks, store_event
 from tests.handlers.events import at
 from tests.support import free_port
 
@@ -194,7 +194,7 @@ class TestDeadLetterRetry:
         assert re.search(r'id="retry-requeued">3<', done)
         assert {event_row(clean_db, f"msg_sub{n}").status for n in range(3)} == {"pending"}
         assert event_row(clean_db, "msg_pay").status == EventStatus.DEAD
-        assert queued(clean_redis, "subscriptions") == 3
+        assert queued_tasks(clean_redis, "subscriptions") == ["workers.drain"]
 
     def test_selected_ids_only(self, admin: FlaskClient, clean_db: Engine) -> None:
         store_event(clean_db, "msg_a", "refund.failed")
