@@ -30,6 +30,7 @@ from shared.models import (
 )
 from shared.settings import Settings
 from tests import fake_dodo as dodo
+from tests.dead_letter_support import queued_tasks
 from tests.handlers.events import make_event
 from tests.support import celery_worker, wait_until
 from workers.handlers import ROUTES
@@ -682,15 +683,11 @@ class TestQueueing:
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         """A backfill is a backlog: the drain applies it in batches, as it does deliveries."""
-        import redis
-
         fake.put_state(merchant(payments=250, subscriptions=0, license_keys=0))
         report = run_json(capsys, "--family", "payments")
         assert report["totals"]["recorded"] == report["queued"] == 250
-        client = redis.Redis.from_url(settings.redis_url)
-        messages = [json.loads(m) for m in client.lrange("payments", 0, -1)]
         # Three pages of at most 100 payments: one drain of the payments queue each.
-        assert [m["headers"]["task"] for m in messages] == ["workers.drain"] * 3
+        assert queued_tasks(settings.redis_url, "payments") == ["workers.drain"] * 3
 
 
 SDK_STATUSES = {
