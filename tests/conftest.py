@@ -117,6 +117,46 @@ def env(settings: Settings) -> dict[str, str]:
     return service_env(settings.database_url, settings.redis_url)
 
 
+FAULT_FIGURES: list[dict[str, object]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the fault scenarios' figures (tests/faults/conftest.py) from the reports: in
+    this process they arrive from every xdist worker."""
+    if report.when == "teardown":
+        FAULT_FIGURES.extend(v for k, v in report.user_properties if k == "fault_figures")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print each fault scenario's figures (no `-s` needed)."""
+    if not FAULT_FIGURES:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("fault injection figures")
+    columns = {  # title: (field, width); the scenario's name left-aligned, figures right
+        "scenario": ("scenario", -40),
+        "events": ("events", 6),
+        "acked": ("acked", 6),
+        "lost": ("lost", 4),
+        "doubled": ("doubled", 7),
+        "poison dead": ("poison_dead", 11),
+        "fault s": ("fault_seconds", 7),
+        "drain s": ("drain_seconds", 7),
+        "ev/s before": ("rate_before", 11),
+        "ev/s after": ("rate_after", 10),
+    }
+
+    def line(cells: list[object]) -> str:
+        widths = [width for _, width in columns.values()]
+        return " ".join(
+            f"{c!s:<{-w}}" if w < 0 else f"{c!s:>{w}}" for c, w in zip(cells, widths, strict=True)
+        )
+
+    write(line(list(columns)))
+    for row in sorted(FAULT_FIGURES, key=lambda r: str(r["scenario"])):
+        write(line([row[field] for field, _ in columns.values()]))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI a skipped test is a failure: it may hide a missing Redis or PostgreSQL."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

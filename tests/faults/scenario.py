@@ -361,6 +361,7 @@ def check_effects(stack: Stack, applied: list[Deliverable], bad: list[str]) -> i
     return doubled
 
 
+# This process's scenarios, which tests/faults/conftest.py puts on each test's report.
 SESSION_FIGURES: list[Figures] = []
 
 
