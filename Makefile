@@ -37,7 +37,7 @@ bench-batches: ## the product's drain against celery-batches, same backlog (inst
 	$(BENCH_VENV)/bin/pip install -q -e '.[test,bench]'
 	PYTHONPATH=. $(BENCH_VENV)/bin/python -m bench.batches $(BENCH_ARGS)
 
-bench-purge: ## the retention purge over 1,000,000 rows, and the ingest's latency meanwhile (~10 min)
+bench-purge: ## the retention purge over 1,000,000 rows, and the ingest's latency meanwhile (~75 min on 2 vCPUs)
 	PYTHONPATH=. $(PY) -m bench.purge $(BENCH_ARGS)
 
 bench-purge-compare: ## what in a purge batch the ingest feels: purge settings, CPU, WAL (~22 min)

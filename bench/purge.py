@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -295,6 +296,15 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def sign_test(above: int, n: int) -> float:
+    """Two-sided p of `above` of `n` coin flips or a more lopsided count (exact binomial)."""
+    if n == 0:
+        return 1.0
+    extreme = max(above, n - above)
+    tail = sum(math.comb(n, k) for k in range(extreme, n + 1)) / 2.0**n
+    return min(1.0, 2 * tail)
+
+
 def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per kind of window, the median [min-max] of the windows' p50 and p99, and the verdict.
 
@@ -302,8 +312,12 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
     ending) does not count for or against the purge: each purge window's figure minus the
     mean of the two stopped windows beside it. The noise is the same difference for the
     windows before and after the purge that have stopped windows on both sides, where
-    nothing differs: the purge is within noise when the purge windows' median difference
-    falls within the range of those.
+    nothing differs. The purge is within noise when both hold: the purge windows' median
+    difference falls within the range of those, and a sign test does not tell the purge
+    windows apart from their neighbours (with no effect, each is above them half the time:
+    two-sided p >= 0.05 over how many were above). The range alone grows with the noise
+    windows' count and the machine's outliers, while the purge's shift is a median over a
+    hundred windows: a small shift that nearly every purge window shows is no noise.
     """
     kinds: dict[str, Any] = {}
     for kind in ("before", "during", "between", "after"):
@@ -329,10 +343,14 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
                 noise_diffs.append(diff)
         if purge_diffs and noise_diffs:
             paired, noise = spread(purge_diffs), spread(noise_diffs)
+            above = sum(d > 0 for d in purge_diffs)
+            sign_p = sign_test(above, sum(d != 0 for d in purge_diffs))
             verdict[q] = {
                 "purge_minus_neighbours_ms": paired,
                 "noise_ms": noise,
-                "within_noise": noise["min"] <= paired["median"] <= noise["max"],
+                "purge_windows_above_neighbours": [above, len(purge_diffs)],
+                "sign_test_p": float(f"{sign_p:.3g}"),
+                "within_noise": noise["min"] <= paired["median"] <= noise["max"] and sign_p >= 0.05,
             }
     return {"kinds": kinds, "verdict": verdict}
 
@@ -359,7 +377,19 @@ def main(argv: list[str] | None = None) -> int:
         help="PURGE_PAUSE_SECONDS: seconds between batches",
     )
     parser.add_argument("--no-erasure", action="store_true", help="skip the erasure timing")
+    parser.add_argument(
+        "--resummarize",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: judge a saved run again from its windows, rewrite it, print it",
+    )
     args = parser.parse_args(argv)
+    if args.resummarize:
+        saved = json.loads(args.resummarize.read_text())
+        saved.update(summarize(saved["windows"]))
+        args.resummarize.write_text(json.dumps(saved, indent=2) + "\n")
+        print(table(saved))
+        return 0
 
     windows: list[dict[str, Any]] = []
     with rig("bench-purge-") as bench:
@@ -458,9 +488,11 @@ def table(report: dict[str, Any]) -> str:
         )
     for q, verdict in report["verdict"].items():
         paired, noise = verdict["purge_minus_neighbours_ms"], verdict["noise_ms"]
+        above, n = verdict["purge_windows_above_neighbours"]
         lines.append(
             f"{q}, purge window minus the stopped windows beside it: {paired['median']:+.2f} ms "
-            f"[{paired['min']:+.2f} to {paired['max']:+.2f}]; without a purge the same "
+            f"[{paired['min']:+.2f} to {paired['max']:+.2f}], above them in {above} of {n} "
+            f"(sign test p={verdict['sign_test_p']:.3g}); without a purge the same "
             f"difference ranges {noise['min']:+.2f} to {noise['max']:+.2f}: "
             + ("within noise" if verdict["within_noise"] else "OUTSIDE the noise")
         )

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select
 from bench import stack
 from bench.deliveries import event_mix, signed_deliveries
 from bench.profile import INGEST_STEPS, attribute
+from bench.purge import sign_test, summarize
 from bench.run import spread
 from ingest.verify import Verifier
 from shared.catalog import HANDLED_TYPES
@@ -195,6 +196,58 @@ class TestPurgeBench:
         assert set(report["verdict"]) == {"p50", "p99"}
         assert is_number(report["erasure_of_one_customer_with_20_events"]["real_s"])
         assert "erase-customer" in done.stdout and "without a purge" in done.stdout
+
+
+def latency(p99: float) -> dict[str, float]:
+    return {"p50": 1.0, "p90": 2.0, "p99": p99}
+
+
+def purge_windows(during_p99: list[float], quiet_p99: list[float]) -> list[dict[str, object]]:
+    """Windows as bench/purge.py records them: 3 stopped ones, then purge windows (p99 from
+    `during_p99`) each followed by a stopped one, then 3 stopped; stopped p99s cycle through
+    `quiet_p99`."""
+    quiet = iter(quiet_p99 * 100)
+
+    def one(kind: str, p99: float) -> dict[str, object]:
+        return {"kind": kind, "checkpoints": 0, "autovacuums": 0, "latency_ms": latency(p99)}
+
+    windows = [one("before", next(quiet)) for _ in range(3)]
+    for p99 in during_p99:
+        windows += [one("during", p99), one("between", next(quiet))]
+    return windows + [one("after", next(quiet)) for _ in range(3)]
+
+
+class TestPurgeVerdict:
+    """The purge bench's verdict: within noise needs both the noise windows' range and a sign
+    test, so that a small shift nearly every purge window shows is not called noise."""
+
+    def test_sign_test_is_the_exact_two_sided_binomial(self) -> None:
+        assert sign_test(5, 10) == 1.0 and sign_test(0, 0) == 1.0
+        assert math.isclose(sign_test(10, 10), 2 / 2**10)
+        assert math.isclose(sign_test(0, 10), 2 / 2**10)
+        assert math.isclose(sign_test(8, 10), 2 * (45 + 10 + 1) / 2**10)
+
+    def test_a_shift_inside_the_range_but_in_every_window_is_outside_the_noise(self) -> None:
+        # Stopped windows swing by +-5 ms; every purge window sits 0.5 ms above its neighbours.
+        quiet = [10.0, 15.0, 5.0, 10.0]
+        windows = purge_windows([0.0] * 30, quiet)
+        for i, w in enumerate(windows):
+            if w["kind"] == "during":
+                left, right = windows[i - 1]["latency_ms"], windows[i + 1]["latency_ms"]
+                w["latency_ms"] = latency((left["p99"] + right["p99"]) / 2 + 0.5)
+        verdict = summarize(windows)["verdict"]["p99"]
+        noise = verdict["noise_ms"]
+        assert noise["min"] < 0.5 < noise["max"]  # the range alone would call it noise
+        assert verdict["purge_windows_above_neighbours"] == [30, 30]
+        assert verdict["within_noise"] is False
+
+    def test_purge_windows_like_their_neighbours_are_within_noise(self) -> None:
+        quiet = [10.0, 15.0, 5.0, 10.0]
+        windows = purge_windows([10.0, 12.0, 8.0, 10.0] * 5, quiet)
+        verdict = summarize(windows)["verdict"]["p99"]
+        above, n = verdict["purge_windows_above_neighbours"]
+        assert 0 < above < n
+        assert verdict["sign_test_p"] >= 0.05 and verdict["within_noise"] is True
 
 
 class TestPurgeCompareBench:
