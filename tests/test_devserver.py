@@ -74,6 +74,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def command_of(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} " + " ".join(a.decode(errors="replace") for a in argv if a)
+
+
 def banner_value(output: str, label: str) -> str:
     for line in output.splitlines():
         if line.strip().startswith(label):
@@ -216,11 +224,14 @@ class TestDevCommand:
             children = descendants(dev.pid)
             assert children
             os.kill(dev.pid, signal.SIGKILL)
-            wait_until(
-                lambda: not [pid for pid in children if alive(pid)],
-                timeout=30,
-                what="the orphaned children to stop",
-            )
+
+            def left() -> list[str]:
+                return [command_of(pid) for pid in children if alive(pid)]
+
+            try:
+                wait_until(lambda: not left(), timeout=30, what="the orphaned children to stop")
+            except AssertionError as timed_out:
+                raise AssertionError(f"{timed_out}; still running: {left()}") from None
         finally:
             dev.stop(signal.SIGKILL)
             for pid in children:  # so a failure here leaves nothing running either
