@@ -20,6 +20,7 @@ from shared.models import Base
 from shared.settings import Settings, load_settings
 from tests.support import (
     ADMIN_TOKEN,
+    FAULT_FIGURES_PROPERTY,
     OLD_SECRET,
     SECRET,
     Receiver,
@@ -124,7 +125,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Collect the fault scenarios' figures (tests/faults/conftest.py) from the reports: in
     this process they arrive from every xdist worker."""
     if report.when == "teardown":
-        FAULT_FIGURES.extend(v for k, v in report.user_properties if k == "fault_figures")
+        FAULT_FIGURES.extend(v for k, v in report.user_properties if k == FAULT_FIGURES_PROPERTY)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

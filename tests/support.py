@@ -29,6 +29,9 @@ VENV_BIN = Path(sys.executable).parent
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
 ADMIN_TOKEN = "test-admin-token"
+# The user property a fault test's report carries its scenario's figures in (tests/faults/
+# conftest.py puts them there; tests/conftest.py prints them in the terminal summary).
+FAULT_FIGURES_PROPERTY = "fault_figures"
 
 
 def free_port() -> int:

@@ -10,8 +10,7 @@ from dataclasses import asdict
 import pytest
 
 from tests.faults.scenario import SESSION_FIGURES
-
-FIGURES_PROPERTY = "fault_figures"
+from tests.support import FAULT_FIGURES_PROPERTY
 
 
 @pytest.fixture(autouse=True)
@@ -20,4 +19,4 @@ def _report_figures(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     for figures in SESSION_FIGURES[before:]:
         row = {k: v for k, v in asdict(figures).items() if k not in ("violations", "notes")}
-        request.node.user_properties.append((FIGURES_PROPERTY, row))
+        request.node.user_properties.append((FAULT_FIGURES_PROPERTY, row))
