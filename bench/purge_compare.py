@@ -16,8 +16,9 @@ variant, the variants in a new random order each repetition:
   default purge's pace.
 
 Each variant window's p50, p90 and p99 minus the mean of the stopped windows beside it, per
-variant, median [min-max]. `cpu` and `wal` tell which of the batch's two costs the
-ingest feels. Writes bench/results/purge-compare.json and prints a table.
+variant, median [min-max], with how many were above their neighbours and a two-sided sign
+test of that count (bench/purge.py's `sign_test`). `cpu` and `wal` tell which of the batch's
+two costs the ingest feels. Writes bench/results/purge-compare.json and prints a table.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from bench.purge import (
     progress,
     rig,
     seed,
+    sign_test,
     spread,
     window_beside,
 )
@@ -164,7 +166,18 @@ def verdicts(windows: list[dict[str, Any]]) -> dict[str, Any]:
             row[q].append(
                 here["latency_ms"][q] - (left["latency_ms"][q] + right["latency_ms"][q]) / 2
             )
-    return {kind: {q: spread(v) for q, v in row.items()} for kind, row in out.items()}
+    return {
+        kind: {
+            q: {
+                **spread(v),
+                "above": sum(d > 0 for d in v),
+                "n": len(v),
+                "sign_test_p": round(sign_test(sum(d > 0 for d in v), len(v)), 4),
+            }
+            for q, v in row.items()
+        }
+        for kind, row in out.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,15 +242,17 @@ def table(report: dict[str, Any]) -> str:
         f"{cal['batch_seconds'] * 1000:.0f} ms, "
         f"{cal['batch_wal_bytes'] / 1e6:.2f} MB of WAL; ingest {report['rate']}/s, "
         f"windows of {report['window_s']:.0f} s, {report['reps']} per variant",
-        "window minus the stopped windows beside it, ms: median [min-max]",
-        f"{'VARIANT':<18} " + " ".join(f"{q.upper():<22}" for q in QUANTILES),
+        "window minus the stopped windows beside it, ms: median [min-max],"
+        " windows above their neighbours, the sign test's p",
+        f"{'VARIANT':<18} " + " ".join(f"{q.upper():<36}" for q in QUANTILES),
     ]
     for kind, row in report["minus_neighbours_ms"].items():
         cells = [
             f"{row[q]['median']:+.2f} [{row[q]['min']:+.2f} {row[q]['max']:+.2f}]"
+            f" {row[q]['above']}/{row[q]['n']} p {row[q]['sign_test_p']:.2f}"
             for q in QUANTILES
         ]
-        lines.append(f"{kind:<18} " + " ".join(f"{c:<22}" for c in cells))
+        lines.append(f"{kind:<18} " + " ".join(f"{c:<36}" for c in cells))
     return "\n".join(lines)
 
 
