@@ -269,6 +269,14 @@ class TestPurgeCompareBench:
         assert by_kind["wal"]["wal_bytes"] > 2 * by_kind["none"]["wal_bytes"]
         assert by_kind["cpu"]["runs"] > 0
         assert set(report["minus_neighbours_ms"]) == {"none", "purge:500:0.25", "cpu", "wal"}
+        # One window per variant: above its neighbours or not, and a sign test that can
+        # tell nothing from one coin flip.
+        windows = report["windows"]
+        i = kinds.index("none")
+        beside = (windows[i - 1]["latency_ms"]["p99"] + windows[i + 1]["latency_ms"]["p99"]) / 2
+        p99 = report["minus_neighbours_ms"]["none"]["p99"]
+        assert p99["n"] == 1 and p99["sign_test_p"] == 1.0
+        assert p99["above"] == int(windows[i]["latency_ms"]["p99"] > beside)
         assert all(w["statuses"] == {"202": 20} for w in report["windows"])
         assert "VARIANT" in done.stdout
 
