@@ -305,6 +305,13 @@ def sign_test(above: int, n: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def above_neighbours(diffs: list[float]) -> tuple[int, float]:
+    """How many of these window-minus-neighbours differences are above zero, and the sign
+    test's p of that count over the differences that are not zero (a tie says nothing)."""
+    above = sum(d > 0 for d in diffs)
+    return above, sign_test(above, sum(d != 0 for d in diffs))
+
+
 def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per kind of window, the median [min-max] of the windows' p50 and p99, and the verdict.
 
@@ -343,8 +350,7 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
                 noise_diffs.append(diff)
         if purge_diffs and noise_diffs:
             paired, noise = spread(purge_diffs), spread(noise_diffs)
-            above = sum(d > 0 for d in purge_diffs)
-            sign_p = sign_test(above, sum(d != 0 for d in purge_diffs))
+            above, sign_p = above_neighbours(purge_diffs)
             verdict[q] = {
                 "purge_minus_neighbours_ms": paired,
                 "noise_ms": noise,

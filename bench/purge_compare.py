@@ -17,7 +17,7 @@ variant, the variants in a new random order each repetition:
 
 Each variant window's p50, p90 and p99 minus the mean of the stopped windows beside it, per
 variant, median [min-max], with how many were above their neighbours and a two-sided sign
-test of that count (bench/purge.py's `sign_test`). `cpu` and `wal` tell which of the batch's
+test of that count (bench/purge.py's `above_neighbours`). `cpu` and `wal` tell which of the batch's
 two costs the ingest feels. Writes bench/results/purge-compare.json and prints a table.
 """
 
@@ -39,12 +39,12 @@ from bench.purge import (
     DEFAULTS,
     RETENTION_DAYS,
     Job,
+    above_neighbours,
     checkpoint,
     ingest,
     progress,
     rig,
     seed,
-    sign_test,
     spread,
     window_beside,
 )
@@ -166,18 +166,12 @@ def verdicts(windows: list[dict[str, Any]]) -> dict[str, Any]:
             row[q].append(
                 here["latency_ms"][q] - (left["latency_ms"][q] + right["latency_ms"][q]) / 2
             )
-    return {
-        kind: {
-            q: {
-                **spread(v),
-                "above": sum(d > 0 for d in v),
-                "n": len(v),
-                "sign_test_p": round(sign_test(sum(d > 0 for d in v), len(v)), 4),
-            }
-            for q, v in row.items()
-        }
-        for kind, row in out.items()
-    }
+
+    def judged(diffs: list[float]) -> dict[str, Any]:
+        above, sign_p = above_neighbours(diffs)
+        return {**spread(diffs), "above": above, "n": len(diffs), "sign_test_p": round(sign_p, 4)}
+
+    return {kind: {q: judged(v) for q, v in row.items()} for kind, row in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
