@@ -1,18 +1,26 @@
 """The retention purge over a large table, and the ingest's latency while it runs.
 
-    python -m bench.purge [--rows 1000000] [--rate 100] [--window 20] [--baseline 5]
+    python -m bench.purge [--rows 1000000] [--days 30] [--bodies days|rows] [--rate 100]
+                          [--window 20] [--baseline 5]
 
 Seeds `--rows` processed events older than RETENTION_DAYS (a realistic payment body each),
 starts the ingest (gunicorn, the product's app) and offers it a fixed rate, open loop
 (bench/loadgen.py: latency from each request's scheduled send time), in windows of
 `--window` seconds: first `--baseline` windows with nothing else running, then windows
-that alternate between the purge running (`shared.lifecycle.purge` with `run_seconds`, as
-beat's task runs it) and the purge stopped, until the purge is done, then `--baseline`
-windows again. Each purge window's p50 and p99 is set against the stopped windows on either
-side of it, and that difference against the same difference between windows where no
-purge ran at all: that is the noise. Per window it also counts
-PostgreSQL's checkpoints and autovacuum runs of `webhook_events`. Writes
-bench/results/purge.json and prints a table.
+that alternate between the purge running and the purge stopped, until the purge is done,
+then `--baseline` windows again.
+
+`--bodies days` (the default, as the ingest stores them since migration 0008): the rows are
+spread over `--days` days, their bodies in those days' partitions, and each purge window
+runs `shared.lifecycle.purge` once with the retention that makes one more day old enough,
+as beat's task finds one more day to drop each day. `--bodies rows` (events recorded before
+0008): the bodies in the rows, and each purge window runs the purge in place for the
+window's length (`run_seconds`, as beat's task runs it).
+
+Each purge window's p50 and p99 is set against the stopped windows on either side of it,
+and that difference against the same difference between windows where no purge ran at
+all: that is the noise. Per window it also counts PostgreSQL's checkpoints and autovacuum
+runs of `webhook_events`. Writes bench/results/purge.json and prints a table.
 """
 
 from __future__ import annotations
@@ -39,10 +47,11 @@ from sqlalchemy import Engine, func, select, text
 from bench import stack
 from bench.deliveries import new_secret, write_requests
 from cli.samples import sample_event
+from shared.bodies import Day, ensure_days
 from shared.db import make_engine, make_sessionmaker
 from shared.envelope import Subjects, event_subjects
 from shared.lifecycle import erase_customer, purge
-from shared.models import WebhookEvent
+from shared.models import EventBody, WebhookEvent
 from shared.settings import Settings
 
 RESULTS = stack.ROOT / "bench" / "results" / "purge.json"
@@ -64,9 +73,85 @@ def subjects_of(template: str) -> Subjects:
     return event_subjects(envelope["type"], envelope["data"])
 
 
+# The seeded days, by age: the youngest is this many days old (older than RETENTION_DAYS).
+YOUNGEST_DAY = RETENTION_DAYS + 11
+
+
+def seed_days(engine: Engine, rows: int, spread_over: int) -> tuple[int, list[int]]:
+    """`rows` processed events spread over `spread_over` days (UTC), the youngest
+    YOUNGEST_DAY days old, their bodies and headers in those days' partitions as the ingest
+    writes them, each with its own id in the body and the customer and payment ids the
+    ingest would have recorded with it. The bodies' bytes on disk, and the days' ages,
+    oldest first."""
+    template, headers = TEMPLATE, HEADERS
+    subjects = subjects_of(template)
+    today = datetime.now(UTC).date()
+    ages = list(range(YOUNGEST_DAY + spread_over - 1, YOUNGEST_DAY - 1, -1))
+    ensure_days(engine, today - timedelta(days=ages[0]), today - timedelta(days=ages[-1]))
+    per_day = -(-rows // spread_over)
+    chunk = 100_000
+    with engine.begin() as conn:
+        for n, age in enumerate(ages):
+            start_of_day = Day(today - timedelta(days=age)).start
+            first, last = n * per_day, min((n + 1) * per_day, rows) - 1
+            for a in range(first, last + 1, chunk):
+                b = min(a + chunk, last + 1) - 1
+                params = {
+                    "body": template,
+                    "headers": headers,
+                    "customer_id": subjects.customer_id,
+                    "payment_id": subjects.payment_id,
+                    "day": start_of_day,
+                    # Over the day, evenly: a row every `step` microseconds.
+                    "step": 86_000_000_000 // max(1, last - first + 1),
+                    "first": first,
+                    "a": a,
+                    "b": b,
+                }
+                at = "CAST(:day AS timestamptz) + (i - :first) * :step * interval '1 microsecond'"
+                conn.execute(
+                    text(
+                        f"""
+                        INSERT INTO webhook_events (webhook_id, type, status, outcome, attempts,
+                            webhook_ts, event_at, received_at, processed_at,
+                            customer_id, payment_id)
+                        SELECT 'msg_seed_' || i, 'payment.succeeded', 'processed', 'applied', 1,
+                            1, {at}, {at}, {at} + interval '50 milliseconds',
+                            :customer_id, replace(:payment_id, 'XID', i::text)
+                        FROM generate_series(CAST(:a AS bigint), CAST(:b AS bigint)) AS i
+                        """
+                    ),
+                    params,
+                )
+                conn.execute(
+                    text(
+                        f"""
+                        INSERT INTO event_bodies (webhook_id, stored_at, body, headers)
+                        SELECT 'msg_seed_' || i, {at},
+                            convert_to(replace(:body, 'XID', i::text), 'UTF8'),
+                            replace(:headers, 'XID', i::text)::json
+                        FROM generate_series(CAST(:a AS bigint), CAST(:b AS bigint)) AS i
+                        """
+                    ),
+                    params,
+                )
+    checkpoint(engine)
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE webhook_events"))
+        conn.execute(text("ANALYZE event_bodies"))
+        size = conn.execute(
+            text(
+                "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits"
+                " WHERE inhparent = 'event_bodies'::regclass"
+            )
+        ).scalar_one()
+    return int(size), ages
+
+
 def seed(engine: Engine, rows: int) -> int:
     """`rows` processed events, finished 40 days ago, each with its own id in the body and
-    the customer and payment ids the ingest would have recorded with it."""
+    the customer and payment ids the ingest would have recorded with it, the bodies in the
+    rows (as recorded before migration 0008)."""
     template, headers = TEMPLATE, HEADERS
     subjects = subjects_of(template)
     old = datetime.now(UTC) - timedelta(days=RETENTION_DAYS + 10)
@@ -105,10 +190,11 @@ def seed(engine: Engine, rows: int) -> int:
     return int(size)
 
 
-def time_erasure(engine: Engine, events: int = 20) -> dict[str, float]:
+def time_erasure(engine: Engine, events: int = 20, *, in_days: bool = True) -> dict[str, float]:
     """An erasure of one customer with `events` events among all the seeded rows. The
     events are found by the indexed `customer_id` and `payment_id` the seeded rows carry;
-    only rows recorded without them (none here) are scanned body by body."""
+    only rows recorded without them (none here) are scanned body by body. `in_days`: their
+    bodies in today's partition, as the ingest stores them."""
     body = TEMPLATE.replace("cus_sample0001", "cus_bench_target")
     subjects = subjects_of(body)
     with engine.begin() as conn:
@@ -132,6 +218,20 @@ def time_erasure(engine: Engine, events: int = 20) -> dict[str, float]:
                 "payment_id": subjects.payment_id,
             },
         )
+        if in_days:
+            conn.execute(
+                text(
+                    "INSERT INTO event_bodies (webhook_id, stored_at, body, headers)"
+                    " SELECT webhook_id, received_at, body, headers FROM webhook_events"
+                    " WHERE webhook_id LIKE 'msg_target_%'"
+                )
+            )
+            conn.execute(
+                text(
+                    "UPDATE webhook_events SET body = NULL, headers = NULL"
+                    " WHERE webhook_id LIKE 'msg_target_%'"
+                )
+            )
     factory = make_sessionmaker(engine)
     took = {}
     for dry in (True, False):
@@ -264,24 +364,34 @@ def window_beside(
 
 
 def purge_window(
-    engine: Engine, port: int, secret: str, args: argparse.Namespace, work: Path, name: str
+    engine: Engine,
+    port: int,
+    secret: str,
+    args: argparse.Namespace,
+    work: Path,
+    name: str,
+    retention_days: int = RETENTION_DAYS,
 ) -> dict[str, Any]:
     """One window of load while the purge runs for that long (beat's task does the same with
-    PURGE_RUN_SECONDS), then the purge's share of it."""
+    PURGE_RUN_SECONDS), then the purge's share of it. By day, it starts a few seconds into
+    the window, so that whatever it does falls inside the window."""
 
     def run() -> dict[str, Any]:
+        if args.bodies == "days":
+            time.sleep(min(5.0, args.window / 4))
         started = time.monotonic()
         result = purge(
             make_sessionmaker(engine),
-            retention_days=RETENTION_DAYS,
+            retention_days=retention_days,
             batch_size=args.batch_size,
             pause_seconds=args.pause,
             run_seconds=args.window,
         )
         return {
-            "purge_seconds": round(time.monotonic() - started, 2),
+            "purge_seconds": round(time.monotonic() - started, 3),
             "purged_events": result.events,
             "purged_bytes": result.bytes,
+            "purged_days": result.days,
             "purge_complete": result.complete,
         }
 
@@ -364,6 +474,13 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--bodies",
+        choices=("days", "rows"),
+        default="days",
+        help="bodies in days' partitions (since migration 0008) or in the rows (before)",
+    )
+    parser.add_argument("--days", type=int, default=30, help="days the rows are spread over")
     parser.add_argument("--rate", type=int, default=100, help="ingest requests per second")
     parser.add_argument("--window", type=float, default=20.0, help="seconds per window")
     parser.add_argument(
@@ -401,9 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     with rig("bench-purge-") as bench:
         work, engine, secret = bench.work, bench.engine, bench.secret
         began = time.monotonic()
-        table_bytes = seed(engine, args.rows)
-        progress(f"seeded {args.rows} rows ({table_bytes / 1e6:.0f} MB)", began)
-        erasure = None if args.no_erasure else time_erasure(engine)
+        ages: list[int] = []
+        if args.bodies == "days":
+            table_bytes, ages = seed_days(engine, args.rows, args.days)
+        else:
+            table_bytes = seed(engine, args.rows)
+        progress(f"seeded {args.rows} rows ({table_bytes / 1e6:.0f} MB of bodies)", began)
+        erasure = None if args.no_erasure else time_erasure(engine, in_days=args.bodies == "days")
         if erasure:
             progress(f"erasure: {erasure}", began)
         checkpoint(engine)
@@ -425,27 +546,48 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.baseline):
                 add("before", window(engine, port, secret, args, work, f"w{len(windows)}"))
             purge_started = time.monotonic()
-            purged = {"events": 0, "bytes": 0, "seconds": 0.0}
+            purged = {"events": 0, "bytes": 0, "seconds": 0.0, "days": 0}
+            # By day: the oldest day first, each window's retention one day shorter, so that
+            # each run finds exactly one more day old enough (after 01:00 UTC: a day goes
+            # once it ended an hour, LATE, before the cutoff).
+            retentions = iter([age - 1 for age in ages])
             while True:
+                retention = next(retentions, RETENTION_DAYS)
                 done = add(
-                    "during", purge_window(engine, port, secret, args, work, f"w{len(windows)}")
+                    "during",
+                    purge_window(engine, port, secret, args, work, f"w{len(windows)}", retention),
                 )
                 purged["events"] += done["purged_events"]
                 purged["bytes"] += done["purged_bytes"]
                 purged["seconds"] += done["purge_seconds"]
-                if done["purge_complete"]:
+                purged["days"] += done["purged_days"]
+                if done["purge_complete"] and (
+                    args.bodies == "rows" or purged["days"] >= len(ages)
+                ):
                     break
                 add("between", window(engine, port, secret, args, work, f"w{len(windows)}"))
             purge_wall = time.monotonic() - purge_started
             for _ in range(args.baseline):
                 add("after", window(engine, port, secret, args, work, f"w{len(windows)}"))
         with engine.connect() as conn:
-            left = conn.execute(
-                select(func.count()).where(WebhookEvent.body.is_not(None))
-            ).scalar_one()
+            seeded = "msg_seed_%"
+            left = (
+                conn.execute(
+                    select(func.count()).where(
+                        WebhookEvent.body.is_not(None), WebhookEvent.webhook_id.like(seeded)
+                    )
+                ).scalar_one()
+                + conn.execute(
+                    select(func.count())
+                    .select_from(EventBody)
+                    .where(EventBody.webhook_id.like(seeded))
+                ).scalar_one()
+            )
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": args.rows,
+        "bodies": args.bodies,
+        "days": len(ages),
         "seeded_table_bytes": table_bytes,
         "batch_size": args.batch_size,
         "pause_seconds": args.pause,
@@ -453,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "window_s": args.window,
         "cpus": len(os.sched_getaffinity(0)),
         "load_average": os.getloadavg(),
-        "bodies_left_after": int(left),
+        "seeded_bodies_left_after": int(left),
         "purge": {
             **purged,
             "seconds": round(purged["seconds"], 1),
@@ -475,9 +617,15 @@ def progress(message: str, began: float) -> None:
 
 def table(report: dict[str, Any]) -> str:
     purged = report["purge"]
+    if report.get("bodies", "rows") == "days":
+        how = f"bodies in {report['days']} days' partitions, a day a window"
+    else:
+        how = (
+            f"bodies in rows, {report['batch_size']} a transaction, "
+            f"{report['pause_seconds']}s pause"
+        )
     lines = [
-        f"purge of {report['rows']} rows, {report['batch_size']} a transaction, "
-        f"{report['pause_seconds']}s pause: {purged['seconds']:.0f} s of purging, "
+        f"purge of {report['rows']} rows, {how}: {purged['seconds']:.1f} s of purging, "
         f"{purged['rows_per_second']} rows/s, {purged['bytes'] / 1e6:.0f} MB",
         f"ingest offered {report['rate']}/s in windows of {report['window_s']:.0f} s; "
         "per window p50 / p99, median [min-max] over the windows",

@@ -44,9 +44,10 @@ from bench import stack
 from bench.deliveries import Delivery, new_secret, signed_deliveries, write_requests
 from bench.floor_celery import NOOP, make_floor_celery
 from ingest.publisher import DirectPublisher
+from shared.bodies import ensure_ahead
 from shared.catalog import queue_for
 from shared.db import insert_for, make_engine, utcnow
-from shared.models import Base, EventStatus, WebhookEvent
+from shared.models import Base, EventBody, EventStatus, WebhookEvent
 from shared.queue import make_celery
 from shared.settings import load_settings
 
@@ -442,7 +443,8 @@ def summarize_ingest(
 
 
 def record(svc: Services, deliveries: list[Delivery]) -> None:
-    """The rows record_delivery writes, received one microsecond apart in delivery order."""
+    """The rows record_delivery writes, received one microsecond apart in delivery order:
+    the event rows, and their bodies and headers in their day's partition."""
     now = utcnow()
     rows = [
         {
@@ -451,8 +453,6 @@ def record(svc: Services, deliveries: list[Delivery]) -> None:
             "status": EventStatus.PENDING,
             "attempts": 0,
             "last_error": None,
-            "body": d.body,
-            "headers": d.headers,
             "webhook_ts": d.webhook_ts,
             "event_at": d.occurred,
             "received_at": now + timedelta(microseconds=i),
@@ -460,10 +460,21 @@ def record(svc: Services, deliveries: list[Delivery]) -> None:
         }
         for i, d in enumerate(deliveries)
     ]
+    bodies = [
+        {
+            "webhook_id": d.webhook_id,
+            "stored_at": row["received_at"],
+            "body": d.body,
+            "headers": d.headers,
+        }
+        for d, row in zip(deliveries, rows, strict=True)
+    ]
+    ensure_ahead(svc.engine, now)
     insert = insert_for(svc.engine)
     with svc.engine.begin() as conn:
         for start in range(0, len(rows), 1000):
             conn.execute(insert(WebhookEvent), rows[start : start + 1000])
+            conn.execute(insert(EventBody), bodies[start : start + 1000])
 
 
 def record_and_queue(svc: Services, deliveries: list[Delivery]) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from cli.common import add_common, open_session, print_json, settings_for, short
 from cli.errors import CommandError
 from shared import deadletters
+from shared.bodies import fill
 from shared.deadletters import FilterError
 from shared.models import EventStatus, WebhookEvent, isoformat
 from shared.settings import Settings
@@ -89,6 +90,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     with open_session(settings) as session:
         found = session.scalars(select(WebhookEvent).where(WebhookEvent.webhook_id.in_(args.ids)))
         events = {event.webhook_id: event for event in found}
+        fill(session, list(events.values()))
     missing = [i for i in args.ids if i not in events]
     if args.json:
         print_json([events[i].detail() for i in args.ids if i in events])

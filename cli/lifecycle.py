@@ -71,6 +71,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
                 ("PROCESSED BEFORE", result.cutoff.strftime("%Y-%m-%d %H:%M:%SZ")),
                 (f"EVENTS {verb.upper()}", str(result.events)),
                 (f"BYTES {verb.upper()}", f"{result.bytes} ({human_bytes(result.bytes)})"),
+                (f"DAYS {verb.upper()}", str(result.days)),
             ]
         )
     )

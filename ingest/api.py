@@ -11,6 +11,7 @@ from ingest.auth import require_admin
 from ingest.records import not_found
 from ingest.state import state
 from shared import deadletters, lifecycle
+from shared.bodies import fill
 from shared.deadletters import FilterError
 from shared.lifecycle import ErasureError
 from shared.models import EventStatus, WebhookEvent
@@ -64,6 +65,7 @@ def get_dead_letter(webhook_id: str) -> tuple[Response, int]:
         event = session.get(WebhookEvent, webhook_id)
         if event is None or event.status != EventStatus.DEAD:
             return not_found("dead letter", webhook_id)
+        fill(session, [event])
         return jsonify(event.detail()), 200
 
 

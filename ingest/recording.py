@@ -14,9 +14,10 @@ from sqlalchemy import Engine, Table
 from sqlalchemy.exc import DBAPIError
 
 from ingest.perthread import PerThread
+from shared.bodies import ensure_ahead
 from shared.db import insert_once, utcnow
 from shared.envelope import NO_SUBJECTS, Subjects
-from shared.models import EventStatus, WebhookEvent
+from shared.models import EventBody, EventStatus, WebhookEvent
 
 # The row's columns, in the order of the PostgreSQL statement's placeholders.
 COLUMNS = (
@@ -34,11 +35,19 @@ COLUMNS = (
     "customer_id",
     "payment_id",
 )
-# Prepared once per connection; `$6`, the body, goes as binary bytea, not hex-escaped text.
+# On PostgreSQL the body and headers go to their day's partition of `event_bodies`
+# (shared/bodies.py), in the same statement: the event row only if its id is new, and its
+# body only with it. Prepared once per connection; the body goes as binary bytea, not
+# hex-escaped text.
+_IN_ROW = tuple(c for c in COLUMNS if c not in ("body", "headers"))
+_N = {c: n for n, c in enumerate(COLUMNS, start=1)}
 _PG_INSERT = (
-    f"INSERT INTO {WebhookEvent.__tablename__} ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join(f'${n}' for n in range(1, len(COLUMNS) + 1))}) "
-    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
+    f"WITH event AS (INSERT INTO {WebhookEvent.__tablename__} ({', '.join(_IN_ROW)}) "
+    f"VALUES ({', '.join(f'${_N[c]}' for c in _IN_ROW)}) "
+    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id, received_at) "
+    f"INSERT INTO {EventBody.__tablename__} (webhook_id, stored_at, body, headers) "
+    f"SELECT webhook_id, received_at, ${_N['body']}::bytea, ${_N['headers']}::json FROM event "
+    "RETURNING webhook_id"
 ).encode()
 _PG_STATEMENT = b"dodo_record_delivery"
 _PG_FORMATS = [1 if c == "body" else 0 for c in COLUMNS]
@@ -114,6 +123,11 @@ class Recorder:
         params = [_pg_param(c, row[c]) for c in COLUMNS]
         conn = self._connections.get()  # a database that cannot be reached raises: 503
         try:
+            return _exec_insert(conn, params)
+        except psycopg.errors.CheckViolation:
+            # No partition of `event_bodies` for today (beat's purge makes them ahead, and
+            # has not run): made now, and the INSERT, which wrote nothing, tried again.
+            ensure_ahead(self._engine)
             return _exec_insert(conn, params)
         except psycopg.OperationalError:
             if conn.pgconn.status == pq.ConnStatus.OK:

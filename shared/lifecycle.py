@@ -32,10 +32,22 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.bodies import (
+    Day,
+    count_day,
+    days,
+    drop_day,
+    droppable,
+    ensure_ahead,
+    partitioned,
+    record_drop,
+    replace_stored,
+    stored,
+)
 from shared.changes import DEFERRED
 from shared.db import dialect_insert, transaction, utcnow
 from shared.envelope import (
@@ -54,6 +66,7 @@ from shared.models import (
     CustomerErasure,
     DeliveryStatus,
     Dispute,
+    EventBody,
     LicenseKey,
     LifecycleCounter,
     OutboundAttempt,
@@ -91,6 +104,9 @@ class PurgeResult:
     # Outbound deliveries of the change feed, delivered before the cutoff, removed with
     # their attempts.
     deliveries: int = 0
+    # Days of bodies dropped whole (PostgreSQL: shared/bodies.py); `events` and `bytes`
+    # count theirs too (a day's bytes: its partition's size on disk).
+    days: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +117,7 @@ class PurgeResult:
             "bytes": self.bytes,
             "complete": self.complete,
             "deliveries": self.deliveries,
+            "days": self.days,
         }
 
 
@@ -113,8 +130,8 @@ def purge_cutoff(retention_days: int, now: datetime | None = None) -> datetime |
 
 # The purge's mark, in `lifecycle_counters` as microseconds since the epoch: every purgeable
 # event whose processing finished before it has been purged. A run starts there instead of at
-# the first processed event: purged rows stay in `ix_webhook_events_processed_at` (so that a
-# purge is a HOT update, migration 0007), and walking them again would cost a heap visit each.
+# the first processed event: a purged row's old version stays in `ix_webhook_events_body_in_row`
+# until VACUUM clears it, and walking those again would cost a heap visit each.
 PURGE_MARK = "purge_mark_us"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # pg_advisory_xact_lock's key for a purge batch: b"dodopurg" as a big-endian int64. Two runs
@@ -151,6 +168,7 @@ def _held(since: datetime | None) -> list[ColumnElement[bool]]:
     ev = WebhookEvent
     where: list[ColumnElement[bool]] = [
         ev.status.in_([str(s) for s in PURGEABLE]),
+        ev.body.is_not(None),
         ev.purged_at.is_(None),
     ]
     if since is not None:
@@ -163,9 +181,22 @@ def _purgeable(cutoff: datetime, since: datetime | None = None) -> list[ColumnEl
 
 
 def oldest_body_kept(conn: Session | Connection) -> datetime | None:
-    """When the oldest processed or ignored event still holding its body finished."""
+    """When the oldest processed or ignored event still holding its body finished: in its
+    row, or (PostgreSQL) in the oldest day of bodies, as when the first event of that day
+    was received (processing finishes within seconds of it)."""
     held = _held(purge_mark(conn))
-    return conn.scalar(select(func.min(WebhookEvent.processed_at)).where(*held))
+    oldest = conn.scalar(select(func.min(WebhookEvent.processed_at)).where(*held))
+    if partitioned(conn):
+        first = next(iter(days(conn)), None)
+        if first is not None:
+            received = conn.scalar(
+                select(func.min(WebhookEvent.received_at)).where(
+                    WebhookEvent.received_at >= first.start
+                )
+            )
+            if received is not None and (oldest is None or received < oldest):
+                oldest = received
+    return oldest
 
 
 def _stored_size() -> ColumnElement[int]:
@@ -292,8 +323,10 @@ def purge(
     result = PurgeResult(retention_days, cutoff, dry_run)
     if cutoff is None:
         return result
+    engine: Engine = factory.kw["bind"]
     with factory() as session:
         mark = purge_mark(session)
+        old_days = droppable(session, cutoff) if partitioned(engine) else []
         if dry_run:
             count, size = session.execute(
                 select(func.count(), func.coalesce(func.sum(_stored_size()), 0)).where(
@@ -304,7 +337,25 @@ def purge(
                 session.scalar(select(func.count()).where(*_delivered_before(cutoff))) or 0
             )
             result.events, result.bytes = int(count), int(size)
+            for day in old_days:
+                events, size = count_day(session, day)
+                result.events, result.bytes, result.days = (
+                    result.events + events,
+                    result.bytes + size,
+                    result.days + 1,
+                )
             return result
+    deadline = None if run_seconds is None else time.monotonic() + run_seconds
+    ensure_ahead(engine)
+    for n, day in enumerate(old_days):
+        if n and deadline is not None and time.monotonic() >= deadline:
+            result.complete = False
+            return result
+        if n and pause_seconds:
+            time.sleep(pause_seconds)
+        _drop_day(factory, day, result)
+        if progress is not None:
+            progress(result)
     while True:
         with transaction(factory) as session:
             removed = purge_deliveries_batch(session, cutoff, batch_size)
@@ -325,10 +376,24 @@ def purge(
             progress(result)
         return batch.events
 
-    result.complete = paced(
-        step, full=batch_size, pause_seconds=pause_seconds, run_seconds=run_seconds
-    )
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    result.complete = paced(step, full=batch_size, pause_seconds=pause_seconds, run_seconds=left)
     return result
+
+
+def _drop_day(factory: sessionmaker[Session], day: Day, result: PurgeResult) -> None:
+    """Drop one day of bodies (shared/bodies.py `drop_day`): the bodies that must outlive it
+    go into their event rows first (the purge in place empties those in their time)."""
+
+    def counted(session: Session, events: int, size: int) -> None:
+        add_counters(session, {PURGED_EVENTS: events, PURGED_BYTES: size})
+        record_drop(session, day, events, size)
+
+    dropped = drop_day(factory.kw["bind"], day, counted)
+    if dropped is not None:
+        result.events += dropped[0]
+        result.bytes += dropped[1]
+        result.days += 1
 
 
 def paced(
@@ -750,10 +815,13 @@ def _events_where(
     """The held events `where` selects whose parsed body `keep` accepts: the columns only
     find candidates, the body decides whose an event is."""
     ev = WebhookEvent
-    rows = session.execute(select(ev.webhook_id, ev.body).where(ev.body.is_not(None), where))
-    for webhook_id, body in rows:
+    rows = session.execute(select(ev.webhook_id, ev.received_at, ev.body).where(where)).all()
+    found = stored(session, [(r.webhook_id, r.received_at) for r in rows if r.body is None])
+    for webhook_id, _, body in rows:
+        if body is None:
+            body = found.get(webhook_id, (None, None))[0]
         envelope = load_body(body)
-        if keep(envelope):
+        if body is not None and keep(envelope):
             yield webhook_id, envelope
 
 
@@ -763,15 +831,29 @@ def _unattributed_matching(
     """Events recorded with neither a customer nor a payment (before migration 0006, or
     naming neither) whose body contains one of the needles: the scan that finds what the
     columns cannot. Retention purges these bodies in time, and then it reads nothing."""
+    ev, held = WebhookEvent, EventBody
     for start in range(0, len(needles), 50):
         chunk = [literal(n) for n in needles[start : start + 50]]
         yield from _events_where(
-            session, UNATTRIBUTED & _body_contains_literals(session, chunk), keep
+            session, UNATTRIBUTED & _body_contains_literals(session, ev.body, chunk), keep
         )
+        if partitioned(session):
+            # Those whose body is in its day's partition.
+            in_days = (
+                select(held.webhook_id)
+                .join(ev, (ev.webhook_id == held.webhook_id) & (ev.received_at == held.stored_at))
+                .where(
+                    UNATTRIBUTED,
+                    ev.body.is_(None),
+                    _body_contains_literals(session, held.body, chunk),
+                )
+            )
+            yield from _events_where(session, ev.webhook_id.in_(in_days), keep)
 
 
-def _body_contains_literals(session: Session, needles: Sequence[Any]) -> ColumnElement[bool]:
-    body = WebhookEvent.body
+def _body_contains_literals(
+    session: Session, body: Any, needles: Sequence[Any]
+) -> ColumnElement[bool]:
     if session.get_bind().dialect.name == "postgresql":
         return or_(*(func.position(needle.op("IN")(body)) > 0 for needle in needles))
     return or_(*(func.instr(body, needle) > 0 for needle in needles))
@@ -828,12 +910,7 @@ def _collect_strings(factory: sessionmaker[Session], scope: Scope) -> set[str]:
     with factory() as session:
         ids = sorted(scope.webhook_ids)
         for start in range(0, len(ids), 500):
-            bodies = session.scalars(
-                select(WebhookEvent.body).where(
-                    WebhookEvent.webhook_id.in_(ids[start : start + 500])
-                )
-            )
-            for body in bodies:
+            for body, _ in _bodies(session, ids[start : start + 500]).values():
                 strings |= personal_strings(load_body(body))
         for table in PERSONAL_TABLES:
             columns = [getattr(table.model, c) for c in table.json_columns]
@@ -893,23 +970,62 @@ def _erase_event_rows(
     session: Session, *, chunk: Sequence[str], strings: set[str], dry_run: bool
 ) -> TableCount:
     count = TableCount()
-    ev = WebhookEvent
-    query = select(ev.webhook_id, ev.body, ev.headers).where(ev.webhook_id.in_(chunk))
-    if not dry_run:
-        query = query.with_for_update()
-    for webhook_id, body, headers in session.execute(query).all():
+    for webhook_id, (body, headers) in _bodies(session, chunk, lock=not dry_run).items():
         count.rows += 1
         erased = erase_body(body, headers, strings)
         if erased is None:
             continue
         count.changed += 1
         if not dry_run:
-            session.execute(
-                update(ev)
-                .where(ev.webhook_id == webhook_id)
-                .values(body=erased[0], headers=erased[1], erased_at=utcnow())
-            )
+            _store_erased(session, webhook_id, erased)
     return count
+
+
+def _bodies(
+    session: Session, webhook_ids: Sequence[str], *, lock: bool = False
+) -> dict[str, tuple[bytes | None, dict[str, str] | None]]:
+    """These events' bodies and headers, from their rows or their days' partitions; with
+    `lock`, their rows locked (`FOR UPDATE`) until the transaction ends."""
+    return {
+        webhook_id: (body, headers)
+        for webhook_id, (_, _, body, headers) in _stored_events(session, webhook_ids, lock).items()
+    }
+
+
+def _stored_events(
+    session: Session, webhook_ids: Sequence[str], lock: bool
+) -> dict[str, tuple[datetime, bool, bytes | None, dict[str, str] | None]]:
+    """Per event: `received_at`, whether its row holds the body, the body and the headers."""
+    ev = WebhookEvent
+    query = select(ev.webhook_id, ev.received_at, ev.body, ev.headers).where(
+        ev.webhook_id.in_(webhook_ids)
+    )
+    if lock:
+        query = query.with_for_update()
+    rows = session.execute(query).all()
+    found = stored(session, [(r.webhook_id, r.received_at) for r in rows if r.body is None])
+    out: dict[str, tuple[datetime, bool, bytes | None, dict[str, str] | None]] = {}
+    for r in rows:
+        if r.body is not None:
+            out[r.webhook_id] = (r.received_at, True, r.body, r.headers)
+        else:
+            out[r.webhook_id] = (r.received_at, False, *found.get(r.webhook_id, (None, None)))
+    return out
+
+
+def _store_erased(
+    session: Session, webhook_id: str, erased: tuple[bytes | None, dict[str, str] | None]
+) -> None:
+    """The erased body and headers replace the old ones where they are kept: the event's row,
+    or its day's partition (rewritten in place: the drop of its day removes it in time)."""
+    ev = WebhookEvent
+    received_at, in_row, _, _ = _stored_events(session, [webhook_id], lock=False)[webhook_id]
+    values: dict[str, Any] = {"erased_at": utcnow()}
+    if in_row:
+        values.update(body=erased[0], headers=erased[1])
+    else:
+        replace_stored(session, webhook_id, received_at, *erased)
+    session.execute(update(ev).where(ev.webhook_id == webhook_id).values(values))
 
 
 # An erasure locks rows that a worker's batch (or a purge batch) may be locking in another
@@ -989,10 +1105,7 @@ def erase_rows(
 def erase_on_apply(session: Session, webhook_id: str, customer_id: str) -> None:
     """An event of an erased customer, just applied: erase it and what it wrote, in the
     applying transaction (which holds the event's and the record's row locks already)."""
-    ev = WebhookEvent
-    body, headers = session.execute(
-        select(ev.body, ev.headers).where(ev.webhook_id == webhook_id)
-    ).one()
+    body, headers = _bodies(session, [webhook_id])[webhook_id]
     envelope = load_body(body)
     strings = personal_strings(envelope)
     scope = Scope(customer_id, webhook_ids={webhook_id})
@@ -1004,11 +1117,7 @@ def erase_on_apply(session: Session, webhook_id: str, customer_id: str) -> None:
         scope.payment_ids.add(payment)
     erased = erase_body(body, headers, strings)
     if erased is not None:
-        session.execute(
-            update(ev)
-            .where(ev.webhook_id == webhook_id)
-            .values(body=erased[0], headers=erased[1], erased_at=utcnow())
-        )
+        _store_erased(session, webhook_id, erased)
     for table in PERSONAL_TABLES:
         erase_rows(session, table, scope, strings)
     _erase_deferred_changes(session, scope, strings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     Index,
     Integer,
     LargeBinary,
@@ -77,9 +78,6 @@ class Outcome(enum.StrEnum):
 FINAL_STATUSES = (EventStatus.PROCESSED, EventStatus.IGNORED, EventStatus.DEAD)
 
 
-EVENTS_FILLFACTOR = 80
-
-
 class WebhookEvent(Base):
     """One delivery id, recorded before the acknowledgement; the unit of exactly-once."""
 
@@ -126,9 +124,6 @@ class WebhookEvent(Base):
             postgresql_where=text("customer_id IS NULL"),
             sqlite_where=text("customer_id IS NULL"),
         ),
-        # A fifth of each page is left free at insert (migration 0007), so that the purge's
-        # smaller row version fits beside the old one in the same page: a HOT update.
-        {"postgresql_with": {"fillfactor": EVENTS_FILLFACTOR}},
     )
 
     def summary(self) -> dict[str, Any]:
@@ -455,19 +450,57 @@ class ReconcileRun(Base):
     __table_args__ = (Index("ix_reconcile_runs_started_at", "started_at"),)
 
 
+class EventBody(Base):
+    """A delivery's raw body and headers, as the ingest received them, apart from its event row.
+
+    On PostgreSQL the table is partitioned by the day it was stored (UTC), so that retention
+    drops a whole day of bodies instead of rewriting rows (shared/bodies.py, migration 0008):
+    nothing is written per body, and the space goes back to the operating system. A body
+    that must outlive its day (a dead letter, an event finished late, an erased one) is
+    copied into `webhook_events.body`, which wins where both are set. SQLite (the dev server)
+    keeps bodies in the event row, as before: this table stays empty there.
+    """
+
+    __tablename__ = "event_bodies"
+
+    webhook_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # The event's `received_at`, exactly: the partition key, and how a lookup finds its day.
+    stored_at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
+
+    __table_args__ = ({"postgresql_partition_by": "RANGE (stored_at)"},)
+
+
+class PurgedDay(Base):
+    """A day of bodies the purge dropped (shared/bodies.py): when, and how many events and
+    bytes went with it. What a purged event's `purged_at` is read from: its row is not
+    rewritten."""
+
+    __tablename__ = "purged_days"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    purged_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    events: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
+
 # --- Data lifecycle: retention and erasure (shared/lifecycle.py) ---------------------------
 
-# What the purge walks: processed and ignored events by when processing finished, from the
-# purge's mark on (`lifecycle.PURGE_MARK`: all before it are purged). Neither this index nor
-# the next names `body`, `headers` or `purged_at`, the columns the purge changes: PostgreSQL
-# then rewrites a purged row in its own page without a new entry in any index (a HOT update),
-# which halves a purge batch's time, cuts its WAL to a third and grows no index (0007).
+# What the purge in place walks: processed and ignored events still holding a body in their
+# row, by when processing finished, from the purge's mark on (`lifecycle.PURGE_MARK`: all
+# before it are purged). Since migration 0008 those are few on PostgreSQL: rows recorded
+# before it, and the bodies a day's drop or a late finish kept in the row (shared/bodies.py);
+# the rest keep theirs in `event_bodies` and never enter this index. (Naming `body` makes a
+# purge in place a new row version with new index entries, not a HOT update: 0007 had made
+# it HOT, when every body was purged in place.)
 PURGEABLE = (EventStatus.PROCESSED, EventStatus.IGNORED)
+BODY_IN_ROW = WebhookEvent.status.in_([str(s) for s in PURGEABLE]) & WebhookEvent.body.is_not(None)
 Index(
-    "ix_webhook_events_processed_at",
+    "ix_webhook_events_body_in_row",
     WebhookEvent.processed_at,
-    postgresql_where=WebhookEvent.status.in_([str(s) for s in PURGEABLE]),
-    sqlite_where=WebhookEvent.status.in_([str(s) for s in PURGEABLE]),
+    postgresql_where=BODY_IN_ROW,
+    sqlite_where=BODY_IN_ROW,
 )
 # What the erasure still scans body by body: events with neither a customer nor a payment
 # recorded (those recorded before migration 0006, and those that name neither); its queries

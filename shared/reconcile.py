@@ -27,6 +27,7 @@ from sqlalchemy import Boolean, Engine, Integer, Table, func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import BigInteger
 
+from shared.bodies import ensure_ahead, partitioned, store
 from shared.catalog import KIND_OF, KINDS, queue_for
 from shared.db import UTCDateTime, insert_once, transaction, utcnow
 from shared.envelope import Subjects, event_subjects
@@ -601,10 +602,18 @@ def record_events(session: Session, events: Sequence[SyntheticEvent]) -> list[Sy
     dialect = session.get_bind().dialect.name
     insert = insert_once(dialect, table, ("webhook_id",), ("webhook_id",))
     now = utcnow()
+    in_days = partitioned(session)
+    if in_days and events:
+        ensure_ahead(cast(Engine, session.get_bind()), now)
     recorded = []
     for event in events:
-        if session.execute(insert, _event_row(event, now)).first() is not None:
+        row = _event_row(event, now)
+        # As the ingest stores bodies: in their day's partition (shared/bodies.py).
+        held = (row.pop("body"), row.pop("headers")) if in_days else None
+        if session.execute(insert, row).first() is not None:
             recorded.append(event)
+            if held is not None:
+                store(session, event.webhook_id, now, *held)
     return recorded
 
 

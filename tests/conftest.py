@@ -15,6 +15,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
+from shared.bodies import days, ensure_ahead
 from shared.db import make_engine
 from shared.models import Base
 from shared.settings import Settings, load_settings
@@ -51,10 +52,14 @@ def pg_engine(pg_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def clean_db(pg_engine: Engine) -> Engine:
-    """The session database with every table emptied."""
+    """The session database with every table emptied, and the partitions of bodies those of
+    a new install (today's and the next days'): a test that made older days leaves none."""
     names = ", ".join(t.name for t in Base.metadata.sorted_tables)
     with pg_engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {names}"))
+        for day in days(conn):
+            conn.execute(text(f'DROP TABLE "{day.name}"'))
+    ensure_ahead(pg_engine)
     return pg_engine
 
 

@@ -10,14 +10,23 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, Interval, delete, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from cli.samples import sample_event
 from ingest.recording import record_delivery
+from shared.bodies import day_of, ensure_days
 from shared.db import make_sessionmaker, transaction
 from shared.envelope import event_subjects
-from shared.models import CreditBalance, Dispute, Payment, Refund, Subscription, WebhookEvent
+from shared.models import (
+    CreditBalance,
+    Dispute,
+    EventBody,
+    Payment,
+    Refund,
+    Subscription,
+    WebhookEvent,
+)
 from tests.handlers.events import T0
 from workers.claims import apply_event, claim_event
 from workers.handlers.credits import apply_credit_entry  # noqa: F401 - routes import handlers
@@ -115,6 +124,46 @@ def body_for(event_type: str, person: Person, when: datetime, **data: Any) -> di
     if event_type.startswith("dispute."):
         payload["remarks"] = f"cardholder {person.name} says not received"
     return envelope
+
+
+def age(engine: Engine, webhook_ids: list[str], days: float) -> None:
+    """As if these events had been received (and finished) `days` earlier: their times, and
+    their bodies moved to that day's partition, made if it is not there."""
+    delta = literal(timedelta(days=days), Interval())
+    ev = WebhookEvent
+    with engine.connect() as conn:
+        times = conn.execute(select(ev.received_at).where(ev.webhook_id.in_(webhook_ids)))
+        wanted = [day_of(at - timedelta(days=days)) for at in times.scalars()]
+    ensure_days(engine, min(wanted), max(wanted))
+    with engine.begin() as conn:
+        conn.execute(
+            update(ev)
+            .where(ev.webhook_id.in_(webhook_ids))
+            .values(
+                received_at=ev.received_at - delta,
+                enqueued_at=ev.enqueued_at - delta,
+                processed_at=ev.processed_at - delta,
+            )
+        )
+        conn.execute(
+            update(EventBody)
+            .where(EventBody.webhook_id.in_(webhook_ids))
+            .values(stored_at=EventBody.stored_at - delta)
+        )
+
+
+def into_rows(engine: Engine, webhook_ids: list[str]) -> None:
+    """As if recorded before migration 0008: the body and headers in the event's row."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE webhook_events AS e SET body = b.body, headers = b.headers"
+                " FROM event_bodies AS b WHERE b.webhook_id = e.webhook_id"
+                " AND b.stored_at = e.received_at AND e.webhook_id = ANY(:ids)"
+            ),
+            {"ids": webhook_ids},
+        )
+        conn.execute(delete(EventBody).where(EventBody.webhook_id.in_(webhook_ids)))
 
 
 class Feed:

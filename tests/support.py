@@ -19,10 +19,14 @@ from typing import Any
 
 import requests
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 from werkzeug.test import TestResponse
+
+from shared.bodies import fill
+from shared.models import WebhookEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -284,3 +288,14 @@ class Receiver:
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+
+def stored_event(engine: Engine, webhook_id: str) -> WebhookEvent:
+    """The event as recorded, with its body and headers wherever they are kept (its row or
+    its day's partition, shared/bodies.py), as the product's readers see it."""
+    with Session(engine, expire_on_commit=False) as session:
+        event = session.get(WebhookEvent, webhook_id)
+        assert event is not None, webhook_id
+        fill(session, [event])
+        session.expunge(event)
+        return event

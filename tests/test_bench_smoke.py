@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from sqlalchemy import Engine, select
 
 from bench import stack
@@ -176,12 +177,14 @@ class TestConsoleBench:
 class TestPurgeBench:
     """bench/purge.py on a tiny table: it purges everything seeded and reports each window."""
 
+    @pytest.mark.parametrize("bodies", ["days", "rows"])
     def test_a_tiny_run_purges_every_seeded_body_and_writes_its_results(
-        self, tmp_path: Path
+        self, tmp_path: Path, bodies: str
     ) -> None:
         out = tmp_path / "purge.json"
-        args = ["--rows", "3000", "--rate", "20", "--window", "1", "--baseline", "3"]
-        done = run_module("bench.purge", *args, "--pause", "0", "--out", str(out))
+        args = ["--rows", "3000", "--days", "3", "--rate", "20", "--window", "1"]
+        args += ["--baseline", "3", "--bodies", bodies, "--pause", "0", "--out", str(out)]
+        done = run_module("bench.purge", *args)
         assert done.returncode == 0, done.stderr
         report = json.loads(out.read_text())
         assert report["purge"]["events"] == 3000 and report["purge"]["bytes"] > 3000 * 1000
@@ -190,9 +193,11 @@ class TestPurgeBench:
         assert (kinds[0], kinds[-1]) == ("before", "after") and "during" in kinds
         assert all(w["statuses"] == {"202": 20} for w in windows)
         assert sum(w.get("purged_events", 0) for w in windows) == 3000
-        # Bodies kept: every window's deliveries (pending: no worker runs) and the 20 recent
-        # events of the timed erasure.
-        assert report["bodies_left_after"] == 20 * len(windows) + 20
+        if bodies == "days":
+            # A day a purge window, oldest first: 1,000 events each.
+            during = [w for w in windows if w["kind"] == "during"]
+            assert [(w["purged_days"], w["purged_events"]) for w in during] == [(1, 1000)] * 3
+        assert report["seeded_bodies_left_after"] == 0
         assert set(report["verdict"]) == {"p50", "p99"}
         assert is_number(report["erasure_of_one_customer_with_20_events"]["real_s"])
         assert "erase-customer" in done.stdout and "without a purge" in done.stdout

@@ -35,6 +35,7 @@ from tests.support import (
     envelope,
     free_port,
     signed_headers,
+    stored_event,
 )
 
 URL = "/webhooks/dodo"
@@ -71,9 +72,7 @@ def recorded(engine: Engine) -> int:
 
 
 def event_row(engine: Engine, webhook_id: str) -> WebhookEvent:
-    with engine.connect() as conn:
-        row = conn.execute(select(WebhookEvent).where(WebhookEvent.webhook_id == webhook_id))
-        return row.one()  # type: ignore[return-value]
+    return stored_event(engine, webhook_id)
 
 
 class TestAcceptedDeliveries:
@@ -95,6 +94,20 @@ class TestAcceptedDeliveries:
         assert row.last_error is None
         assert row.received_at == row.enqueued_at
         assert abs(datetime.now(UTC) - row.received_at) < timedelta(minutes=1)
+        # The body and headers are kept in their day's partition, not in the event's row.
+        with clean_db.connect() as conn:
+            held = conn.execute(
+                text(
+                    "SELECT tableoid::regclass::text, body, headers->>'webhook-id' FROM"
+                    " event_bodies WHERE webhook_id = 'msg_1' AND stored_at = :at"
+                ),
+                {"at": row.received_at},
+            ).one()
+            in_row = conn.execute(
+                text("SELECT body FROM webhook_events WHERE webhook_id = 'msg_1'")
+            ).scalar()
+        assert held == (f"event_bodies_{row.received_at:%Y%m%d}", BODY.encode(), "msg_1")
+        assert in_row is None
 
     def test_the_recorder_stores_every_value_as_given(self, clean_db: Engine) -> None:
         """Bytes that are not UTF-8, quotes and non-ASCII in headers, an instant in another zone."""

@@ -47,14 +47,17 @@ from tests.lifecycle_support import (
     ALICE,
     BOB,
     Feed,
+    age,
     body_for,
     dump,
     every_row,
     every_table_as_text,
     found_in,
     history_of,
+    into_rows,
     state_of,
 )
+from tests.support import stored_event
 from workers.claims import Applied, apply_batch, apply_event, claim_batch, claim_event
 
 
@@ -68,11 +71,13 @@ def backdate(engine: Engine, webhook_ids: list[str], days: float) -> None:
 
 
 def five_expired_payments(engine: Engine) -> None:
-    """Five processed payments whose processing finished 40 days ago: purgeable at 30."""
+    """Five processed payments whose processing finished 40 days ago, with their bodies in
+    their rows (recorded before migration 0008): purged in place at 30."""
     feed = Feed(engine)
     ids = [
         feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"p{n}")) for n in range(5)
     ]
+    into_rows(engine, ids)
     with engine.begin() as conn:
         conn.execute(update(WebhookEvent).values(status=EventStatus.PROCESSED))
     backdate(engine, ids, days=40)
@@ -102,10 +107,17 @@ def expired_sample_mix(engine: Engine, n: int) -> None:
 
 
 def event(engine: Engine, webhook_id: str) -> WebhookEvent:
-    with Session(engine) as session:
-        row = session.get(WebhookEvent, webhook_id)
-        assert row is not None
-        return row
+    return stored_event(engine, webhook_id)
+
+
+def age_or_backdate(engine: Engine, kept_in: str, webhook_ids: list[str], days: float) -> None:
+    """Events finished `days` ago: with their bodies in their rows (recorded before 0008, the
+    purge in place), or received then too, their bodies in that day's partition."""
+    if kept_in == "rows":
+        into_rows(engine, webhook_ids)
+        backdate(engine, webhook_ids, days)
+    else:
+        age(engine, webhook_ids, days)
 
 
 class TestEraseJson:
@@ -212,26 +224,37 @@ class TestPurge:
             attempts = set(session.scalars(select(OutboundAttempt.delivery_id)))
         assert kept == attempts == {ids["recent"], ids["dead"], ids["pending"]}
 
+    @pytest.mark.parametrize("kept_in", ["rows", "days"])
     def test_old_processed_and_ignored_bodies_are_purged_recent_ones_and_dead_letters_kept(
-        self, clean_db: Engine
+        self, clean_db: Engine, kept_in: str
     ) -> None:
+        """Bodies in their rows are purged in place; bodies in their day's partition go with
+        the day, dropped whole once every event received then finished before the cutoff
+        (32 days: a day ends up to 24 h after an event, and LATE after that)."""
         feed = Feed(clean_db)
         old = feed.send(body_for("payment.succeeded", ALICE, T0, payment_id="pay_old"))
         ignored = feed.send(
             {"business_id": "b", "type": "payout.sent", "timestamp": T0.isoformat(), "data": {}}
         )
         recent = feed.send(body_for("payment.succeeded", BOB, T0, payment_id="pay_new"))
-        store_event(clean_db, "msg_dead_old", "payment.succeeded", status=EventStatus.DEAD)
+        dead = feed.record(body_for("payment.succeeded", BOB, T0, payment_id="pay_dead"))
+        with clean_db.begin() as conn:
+            conn.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.webhook_id == dead)
+                .values(status=EventStatus.DEAD, processed_at=utcnow())
+            )
         pending = feed.record(body_for("payment.failed", BOB, T0, payment_id="pay_p"))
-        backdate(clean_db, [old, ignored, "msg_dead_old"], days=31)
-        backdate(clean_db, [recent], days=29)
-        kept = {w: event(clean_db, w).body for w in (recent, "msg_dead_old", pending)}
+        age_or_backdate(clean_db, kept_in, [old, ignored, dead], days=32)
+        age_or_backdate(clean_db, kept_in, [recent], days=29)
+        kept = {w: event(clean_db, w).body for w in (recent, dead, pending)}
         size = sum(len(event(clean_db, w).body or b"") for w in (old, ignored))
 
         result = purge(make_sessionmaker(clean_db), retention_days=30, batch_size=500)
 
         assert (result.events, result.complete) == (2, True)
-        assert result.bytes > size  # bodies and headers
+        assert result.bytes > size  # bodies and headers (a day: its partition on disk)
+        assert result.days == (0 if kept_in == "rows" else 1)
         for webhook_id in (old, ignored):
             row = event(clean_db, webhook_id)
             assert (row.body, row.headers) == (None, None)
@@ -244,16 +267,21 @@ class TestPurge:
             assert lifecycle_totals(session) == {PURGED_EVENTS: 2, PURGED_BYTES: result.bytes}
             # The read model does not depend on the raw body.
             assert session.get(Payment, "pay_old") is not None
+        # Run again: nothing left to do, and the dead letter still has its body.
+        again = purge(make_sessionmaker(clean_db), retention_days=30, batch_size=500)
+        assert (again.events, again.days) == (0, 0)
+        assert event(clean_db, dead).body == kept[dead]
 
+    @pytest.mark.parametrize("kept_in", ["rows", "days"])
     def test_a_dry_run_counts_what_a_run_then_purges_and_a_second_run_purges_nothing(
-        self, clean_db: Engine
+        self, clean_db: Engine, kept_in: str
     ) -> None:
         feed = Feed(clean_db)
         ids = [
             feed.send(body_for("payment.succeeded", ALICE, T0, payment_id=f"pay_{n}"))
             for n in range(7)
         ]
-        backdate(clean_db, ids, days=40)
+        age_or_backdate(clean_db, kept_in, ids, days=40)
         factory = make_sessionmaker(clean_db)
 
         dry = purge(factory, retention_days=30, batch_size=3, dry_run=True)
@@ -261,9 +289,11 @@ class TestPurge:
         real = purge(factory, retention_days=30, batch_size=3)
         again = purge(factory, retention_days=30, batch_size=3)
 
-        assert (dry.events, dry.bytes) == (real.events, real.bytes) == (7, real.bytes)
-        assert real.batches == 3
-        assert (again.events, again.bytes) == (0, 0)
+        assert (dry.events, dry.bytes, dry.days) == (real.events, real.bytes, real.days)
+        assert (real.events, real.bytes > 0) == (7, True)
+        # In place, three batches of 3 (the last finds 1); by day, the day at once.
+        assert (real.batches, real.days) == ((3, 0) if kept_in == "rows" else (1, 1))
+        assert (again.events, again.bytes, again.days) == (0, 0, 0)
         with Session(clean_db) as session:
             assert lifecycle_totals(session)[PURGED_EVENTS] == 7
 
@@ -312,27 +342,29 @@ class TestPurge:
             )
             assert left == 0
 
-    def test_a_purge_rewrites_each_row_in_its_page_and_adds_no_index_entry(
+    def test_events_with_their_bodies_in_partitions_never_enter_the_index_the_purge_walks(
         self, clean_db: Engine
     ) -> None:
-        """A HOT update (counted by PostgreSQL for the batch's own transaction, on a backend
-        of its own): no index names a column the purge changes, and the fillfactor leaves the
-        smaller row version room in the page, for bodies of every size the samples have."""
-        expired_sample_mix(clean_db, 300)
-        fresh = create_engine(clean_db.url, poolclass=NullPool)
-        cutoff = lifecycle.purge_cutoff(30)
-        assert cutoff is not None
-        with Session(fresh) as session, session.begin():
-            batch = lifecycle.purge_batch(session, cutoff, 300)
-            updated, hot = session.execute(
-                text(
-                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
-                    " WHERE relname = 'webhook_events'"
-                )
-            ).one()
-        fresh.dispose()
-        assert batch.events == 300
-        assert (updated, hot) == (300, 300)
+        """The purge in place walks `ix_webhook_events_body_in_row`: the ingest's events,
+        processed, are not in it (it stays one page), where bodies in rows fill it."""
+        feed = Feed(clean_db)
+        ids = [
+            feed.record(body_for("payment.succeeded", ALICE, T0, payment_id=f"pay_{n}"))
+            for n in range(1500)
+        ]
+        with clean_db.begin() as conn:
+            conn.execute(
+                update(WebhookEvent).values(status=EventStatus.PROCESSED, processed_at=utcnow())
+            )
+
+        def pages() -> int:
+            with clean_db.connect() as conn:
+                size = conn.scalar(text("SELECT pg_relation_size('ix_webhook_events_body_in_row')"))
+            return int(size or 0) // 8192
+
+        assert pages() <= 2  # the metapage, and at most an empty root
+        into_rows(clean_db, ids)  # the same events, as recorded before migration 0008
+        assert pages() > 2
 
     def test_a_run_starts_at_the_mark_and_reads_no_purged_row_again(self, clean_db: Engine) -> None:
         """Purged rows stay in the index the purge walks; the mark (the last purged row's
@@ -350,21 +382,25 @@ class TestPurge:
         backdate(clean_db, [kept], days=1)
 
         def reads() -> tuple[Any, int]:
-            fresh = create_engine(clean_db.url, poolclass=NullPool)
-            with Session(fresh) as session, session.begin():
+            """The oldest body kept, and the pages the purge's walk from the mark touches
+            (index and heap: the purged rows' old versions are still in the index)."""
+            with Session(clean_db) as session:
                 oldest = lifecycle.oldest_body_kept(session)
-                fetched = session.execute(
-                    text(
-                        "SELECT seq_tup_read + idx_tup_fetch FROM pg_stat_xact_user_tables"
-                        " WHERE relname = 'webhook_events'"
-                    )
-                ).scalar_one()
-            fresh.dispose()
-            return oldest, int(fetched)
+                walk = select(func.min(WebhookEvent.processed_at)).where(
+                    *lifecycle._held(lifecycle.purge_mark(session))
+                )
+                compiled = walk.compile(
+                    session.get_bind(), compile_kwargs={"render_postcompile": True}
+                )
+                plan = session.connection().exec_driver_sql(
+                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {compiled}", compiled.params
+                )
+                top = plan.scalar_one()[0]["Plan"]
+            return oldest, int(top["Shared Hit Blocks"]) + int(top["Shared Read Blocks"])
 
         oldest, fetched = reads()
         assert oldest == event(clean_db, kept).processed_at
-        assert fetched <= 2, fetched
+        assert fetched <= 5, fetched
         assert purge(factory, retention_days=30, batch_size=500, dry_run=True).events == 0
         with clean_db.begin() as conn:
             conn.execute(
@@ -372,7 +408,7 @@ class TestPurge:
             )
         oldest, fetched = reads()
         assert oldest == event(clean_db, kept).processed_at
-        assert fetched >= 2000, fetched
+        assert fetched >= 100, fetched  # 2,000 rows' pages
 
     def test_a_purge_waits_for_a_row_an_erasure_holds_then_purges_it(
         self, clean_db: Engine
@@ -678,10 +714,10 @@ class TestErasure:
         feed = Feed(clean_db)
         history_of(feed, ALICE)
         history_of(feed, BOB)
-        bobs = [row for row in every_row(clean_db) if BOB.customer_id in row]
         ids = sorted(feed_ids(clean_db))
         legacy = ids if recorded_before == "every" else ids[::2]
         forget_subjects(clean_db, legacy)
+        bobs = [row for row in every_row(clean_db) if BOB.customer_id in row]
 
         result = erase(clean_db, ALICE.customer_id)
 
@@ -716,6 +752,8 @@ class TestErasure:
         recorded = subjects()
         neither = [w for w, found in recorded.items() if found == (None, None)]
         assert len(neither) == 1
+        # Recorded before migration 0006, so before 0008: the bodies in the rows.
+        into_rows(clean_db, list(recorded))
         forget_subjects(clean_db, list(recorded))
 
         factory = make_sessionmaker(clean_db)

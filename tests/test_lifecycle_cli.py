@@ -7,18 +7,15 @@ import json
 import os
 import subprocess
 from contextlib import redirect_stderr, redirect_stdout
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
 from cli.main import main
-from shared.models import WebhookEvent
 from tests.handlers.events import T0
-from tests.lifecycle_support import ALICE, Feed, body_for
-from tests.support import ROOT, VENV_BIN
+from tests.lifecycle_support import ALICE, Feed, age, body_for
+from tests.support import ROOT, VENV_BIN, stored_event
 
 
 @pytest.fixture
@@ -44,10 +41,7 @@ def old_events(engine: Engine, count: int) -> list[str]:
         feed.send(body_for("payment.succeeded", ALICE, T0, payment_id=f"pay_{n}"))
         for n in range(count)
     ]
-    with engine.begin() as conn:
-        conn.execute(
-            update(WebhookEvent).values(processed_at=datetime.now(UTC) - timedelta(days=45))
-        )
+    age(engine, ids, days=45)
     return ids
 
 
@@ -63,6 +57,8 @@ class TestPurgeCommand:
         assert "RETENTION" in result.stdout and "30 days" in result.stdout
         events_line = next(x for x in result.stdout.splitlines() if x.startswith("EVENTS"))
         assert events_line.split()[-1] == "3"
+        days_line = next(x for x in result.stdout.splitlines() if x.startswith("DAYS"))
+        assert days_line.split()[-1] == "1"
 
     def test_json_gives_the_counts_and_a_second_run_purges_nothing(self, clean_db: Engine) -> None:
         old_events(clean_db, 2)
@@ -80,9 +76,7 @@ class TestPurgeCommand:
         result = cli("purge")
         assert result.returncode == 0
         assert "retention is off (RETENTION_DAYS=0)" in result.stdout
-        with Session(clean_db) as session:
-            row = session.get(WebhookEvent, ids[0])
-            assert row is not None and row.body is not None
+        assert stored_event(clean_db, ids[0]).body is not None
 
 
 @pytest.mark.usefixtures("service_environment")

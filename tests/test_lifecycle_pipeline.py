@@ -21,8 +21,15 @@ from ingest import create_app
 from shared.models import CreditBalance, CreditEntry, EventStatus, Payment, WebhookEvent
 from shared.queue import PURGE, make_celery
 from shared.settings import Settings
-from tests.lifecycle_support import ALICE, BOB, body_for, dump, found_in
-from tests.support import ADMIN_TOKEN, celery_worker, gunicorn, signed_headers, wait_until
+from tests.lifecycle_support import ALICE, BOB, age, body_for, dump, found_in, into_rows
+from tests.support import (
+    ADMIN_TOKEN,
+    celery_worker,
+    gunicorn,
+    signed_headers,
+    stored_event,
+    wait_until,
+)
 from tests.test_metrics import parse, value
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -85,14 +92,19 @@ class TestRetentionInThePipeline:
             for webhook_id, envelope in [*old, recent]:
                 assert post(url, envelope, webhook_id).status_code == 202
             wait_until(lambda: all_final(clean_db, 3), what="three events processed")
+            # The old credit as if received 40 days ago: its body in that day's partition,
+            # which the purge drops whole.
+            age(clean_db, ["msg_old_credit"], days=40)
+            # As if recorded before migration 0006 (so before 0008: bodies in their rows): the
+            # same task fills these in, the old payment's too, before the purge takes the body
+            # they are read from; the old payment's is purged in place.
+            into_rows(clean_db, ["msg_recent", "msg_old_pay"])
             with clean_db.begin() as conn:
                 conn.execute(
                     update(WebhookEvent)
-                    .where(WebhookEvent.webhook_id.in_([w for w, _ in old]))
+                    .where(WebhookEvent.webhook_id == "msg_old_pay")
                     .values(processed_at=datetime.now(UTC) - timedelta(days=31))
                 )
-                # As if recorded before migration 0006: the same task fills these in, the old
-                # payment's too, before the purge takes the body they are read from.
                 conn.execute(
                     update(WebhookEvent)
                     .where(WebhookEvent.webhook_id.in_(["msg_recent", "msg_old_pay"]))
@@ -103,10 +115,9 @@ class TestRetentionInThePipeline:
 
             def purged() -> bool:
                 with Session(clean_db) as session:
-                    rows = [session.get(WebhookEvent, w) for w, _ in old]
                     recent = session.get(WebhookEvent, "msg_recent")
                     return (
-                        all(r is not None and r.purged_at is not None for r in rows)
+                        all(stored_event(clean_db, w).purged_at is not None for w, _ in old)
                         and recent is not None
                         and recent.customer_id == BOB.customer_id
                     )
@@ -118,6 +129,7 @@ class TestRetentionInThePipeline:
                 assert recent_row.payment_id == "pay_b"
                 old_pay = session.get(WebhookEvent, "msg_old_pay")
                 assert old_pay is not None and old_pay.body is None
+                assert stored_event(clean_db, "msg_old_credit").body is None
                 assert (old_pay.customer_id, old_pay.payment_id) == (ALICE.customer_id, "pay_a")
                 before = {
                     w: (r.status, r.attempts, r.processed_at)

@@ -50,6 +50,7 @@ from tests.support import (
     celery_worker,
     gunicorn,
     signed_headers,
+    stored_event,
     wait_until,
 )
 from tests.test_outbound import check_receiver_got_every_change_in_order, wait_drained
@@ -407,12 +408,11 @@ class TestReconciliationFillsUndeliveredEvents:
 
 def recorded_by_reconcile(engine: Engine) -> list[Sent]:
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(WebhookEvent.webhook_id, WebhookEvent.webhook_ts, WebhookEvent.body).where(
-                WebhookEvent.webhook_id.like("reconcile\\_%")
-            )
-        ).all()
-    return [Sent(r.webhook_id, r.webhook_ts, json.loads(r.body)) for r in rows]
+        ids = conn.execute(
+            select(WebhookEvent.webhook_id).where(WebhookEvent.webhook_id.like("reconcile\\_%"))
+        ).scalars()
+        events = [stored_event(engine, webhook_id) for webhook_id in ids]
+    return [Sent(e.webhook_id, e.webhook_ts, json.loads(e.body or b"")) for e in events]
 
 
 def without_provenance_get(get: Get) -> Get:

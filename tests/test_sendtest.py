@@ -8,13 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from cli.dev import DEV_ENV_FILE
 from cli.main import main
 from shared.catalog import HANDLED
-from shared.models import WebhookEvent
-from tests.support import OLD_SECRET, SECRET, free_port, gunicorn, service_env
+from tests.support import OLD_SECRET, SECRET, free_port, gunicorn, service_env, stored_event
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +37,8 @@ def send(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 def stored_body(engine: Engine, webhook_id: str) -> dict[str, object]:
-    with engine.connect() as conn:
-        body = conn.execute(
-            select(WebhookEvent.body).where(WebhookEvent.webhook_id == webhook_id)
-        ).scalar_one()
+    body = stored_event(engine, webhook_id).body
+    assert body is not None
     return json.loads(body)  # type: ignore[no-any-return]
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lifecycle
+from shared.bodies import ensure_ahead
 from shared.catalog import queue_for
 from shared.db import transaction, utcnow
 from shared.logs import get_logger, log_step
@@ -293,12 +294,15 @@ def purge() -> int:
     """First record the customer and payment of events held from before migration 0006, which
     the erasure otherwise has to find by reading their bodies (`lifecycle.backfill_subjects`):
     it needs their bodies, so it goes before the purge. Then retention: remove old raw bodies
-    and headers (RETENTION_DAYS), batch by batch.
+    and headers (RETENTION_DAYS): days of bodies dropped whole, and those kept in their
+    event rows batch by batch.
 
     Each part stops after PURGE_RUN_SECONDS so that the re-drive, on the same queue, is not
     held up behind a long backlog; the task then sends itself again to carry on.
     """
     sessions = database.sessions()
+    # The next days' partitions of bodies, retention or not (shared/bodies.py).
+    ensure_ahead(sessions.kw["bind"])
     batch, budget, pause = (
         settings.purge_batch_size,
         settings.purge_run_seconds,
@@ -327,7 +331,12 @@ def purge() -> int:
     if result.events:
         log.info(
             "purged raw bodies",
-            extra={"step": "purge", "count": result.events, "bytes": result.bytes},
+            extra={
+                "step": "purge",
+                "count": result.events,
+                "bytes": result.bytes,
+                "days": result.days,
+            },
         )
     if not result.complete:
         app.send_task(PURGE)

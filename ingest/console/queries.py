@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Select, func, select, tuple_, union
 from sqlalchemy.orm import Session
 
 from ingest.records import RECORDS, ledger_entries, record_view
+from shared.bodies import fill
 from shared.catalog import KIND_OF
 from shared.db import utcnow
 from shared.deadletters import FilterError, glob_to_like, make_filter, parse_when
@@ -280,6 +281,7 @@ def event_page(session: Session, webhook_id: str) -> EventPage | None:
     event = session.get(WebhookEvent, webhook_id)
     if event is None:
         return None
+    fill(session, [event])
     body_text, pretty, data = _data(event.body)
     page = EventPage(event, body_text, pretty, customer_id=_customer_of(data))
     kind = KIND_OF.get(event.type or "")

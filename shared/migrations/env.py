@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from shared.bodies import include_object
 from shared.db import make_engine
 from shared.models import Base
 
@@ -23,6 +24,7 @@ def run_migrations_online() -> None:
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,
+            include_object=include_object,
             render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():
