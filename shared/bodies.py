@@ -283,10 +283,6 @@ def record_drop(session: Session, day: Day, events: int, size: int) -> None:
     session.add(PurgedDay(day=day.day, purged_at=utcnow(), events=events, bytes=size))
 
 
-def body_of(session: Session, webhook_id: str, received_at: datetime) -> bytes | None:
-    return stored(session, [(webhook_id, received_at)]).get(webhook_id, (None, None))[0]
-
-
 def keep_in_row(session: Session, webhook_id: str, received_at: datetime) -> None:
     """Copy the event's partition body into its row (it finished late: its day may go
     before RETENTION_DAYS have passed since it finished). In the caller's transaction."""
