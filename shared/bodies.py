@@ -15,9 +15,10 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from typing import Any, Final, cast
 
-from sqlalchemy import Engine, Table, bindparam, func, null, select, text, tuple_
+from sqlalchemy import Engine, Select, Table, Update, bindparam, func, null, select, text, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -251,6 +252,31 @@ def stored(
         for webhook_id, body, headers in rows:
             found[webhook_id] = (body, headers)
     return found
+
+
+@cache
+def reading_body(statement: Update) -> Select[Any]:
+    """`statement` (an UPDATE returning `webhook_id`, `body` and `received_at`) with each
+    body its row does not hold read from its day's partition, in the same statement: a
+    claim stays one round trip. The partition's row is looked up by a subquery run per
+    returned row, and only where the row's own body is NULL (COALESCE stops at the first
+    value), so PostgreSQL opens just that day's partition, by its primary key, whatever the
+    plan: a join could hash all the days kept."""
+    updated = statement.cte("updated")
+    in_partition = (
+        select(BODIES.c.body)
+        .where(
+            BODIES.c.webhook_id == updated.c.webhook_id,
+            BODIES.c.stored_at == updated.c.received_at,
+        )
+        .scalar_subquery()
+    )
+    return select(
+        *(
+            func.coalesce(column, in_partition).label("body") if column.name == "body" else column
+            for column in updated.c
+        )
+    )
 
 
 def fill(session: Session, events: Sequence[WebhookEvent]) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Final, cast
 from sqlalchemy import (
     ColumnElement,
     Engine,
+    Executable,
     String,
     Table,
     Update,
@@ -28,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.bodies import LATE, keep_in_row, stored
+from shared.bodies import LATE, keep_in_row, partitioned, reading_body
 from shared.catalog import EVENT_QUEUES, FAMILY_OF, OTHER_QUEUE
 from shared.changes import (
     RECORDED,
@@ -171,19 +172,19 @@ def run_claim(
     factory: sessionmaker[Session], statement: Update, params: dict[str, Any]
 ) -> list[Claim]:
     """Run a claim (an UPDATE returning the webhook id and CLAIM_RETURNS) as the whole
-    transaction, committed at once: one round trip, no BEGIN/COMMIT; its rows as claims."""
+    transaction, committed at once: one round trip, no BEGIN/COMMIT; its rows as claims,
+    with the bodies their rows do not hold read from their days' partitions by the same
+    statement (`shared.bodies.reading_body`)."""
     engine: Engine = factory.kw["bind"]
+    claim: Executable = reading_body(statement) if partitioned(engine) else statement
     with engine.connect() as conn:
         autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
-        rows = run_prebuilt(autocommit, statement, params).all()
-        # The bodies their rows do not hold, from their days' partitions: a second statement
-        # that names those days, so that PostgreSQL opens only their partitions.
-        found = stored(autocommit, [(r.webhook_id, r.received_at) for r in rows if r.body is None])
+        rows = run_prebuilt(autocommit, claim, params).all()
     return [
         Claim(
             row.webhook_id,
             row.type,
-            row.body if row.body is not None else found.get(row.webhook_id, (None, None))[0] or b"",
+            row.body or b"",
             row.attempts,
             row.webhook_ts,
             row.event_at.astimezone(UTC) if row.event_at is not None else None,
