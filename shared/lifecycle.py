@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from itertools import chain
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, NamedTuple, TypeVar, cast
 
 from psycopg.errors import DeadlockDetected, SerializationFailure
 from sqlalchemy import (
@@ -910,8 +910,8 @@ def _collect_strings(factory: sessionmaker[Session], scope: Scope) -> set[str]:
     with factory() as session:
         ids = sorted(scope.webhook_ids)
         for start in range(0, len(ids), 500):
-            for body, _ in _bodies(session, ids[start : start + 500]).values():
-                strings |= personal_strings(load_body(body))
+            for kept in _stored_events(session, ids[start : start + 500], lock=False).values():
+                strings |= personal_strings(load_body(kept.body))
         for table in PERSONAL_TABLES:
             columns = [getattr(table.model, c) for c in table.json_columns]
             if not columns:
@@ -970,32 +970,29 @@ def _erase_event_rows(
     session: Session, *, chunk: Sequence[str], strings: set[str], dry_run: bool
 ) -> TableCount:
     count = TableCount()
-    for webhook_id, (body, headers) in _bodies(session, chunk, lock=not dry_run).items():
+    for webhook_id, kept in _stored_events(session, chunk, lock=not dry_run).items():
         count.rows += 1
-        erased = erase_body(body, headers, strings)
+        erased = erase_body(kept.body, kept.headers, strings)
         if erased is None:
             continue
         count.changed += 1
         if not dry_run:
-            _store_erased(session, webhook_id, erased)
+            _store_erased(session, webhook_id, kept, erased)
     return count
 
 
-def _bodies(
-    session: Session, webhook_ids: Sequence[str], *, lock: bool = False
-) -> dict[str, tuple[bytes | None, dict[str, str] | None]]:
+class _Kept(NamedTuple):
+    """Where an event's body is kept, and what it is."""
+
+    received_at: datetime
+    in_row: bool  # in its `webhook_events` row; else in its day's partition
+    body: bytes | None
+    headers: dict[str, str] | None
+
+
+def _stored_events(session: Session, webhook_ids: Sequence[str], lock: bool) -> dict[str, _Kept]:
     """These events' bodies and headers, from their rows or their days' partitions; with
     `lock`, their rows locked (`FOR UPDATE`) until the transaction ends."""
-    return {
-        webhook_id: (body, headers)
-        for webhook_id, (_, _, body, headers) in _stored_events(session, webhook_ids, lock).items()
-    }
-
-
-def _stored_events(
-    session: Session, webhook_ids: Sequence[str], lock: bool
-) -> dict[str, tuple[datetime, bool, bytes | None, dict[str, str] | None]]:
-    """Per event: `received_at`, whether its row holds the body, the body and the headers."""
     ev = WebhookEvent
     query = select(ev.webhook_id, ev.received_at, ev.body, ev.headers).where(
         ev.webhook_id.in_(webhook_ids)
@@ -1004,27 +1001,29 @@ def _stored_events(
         query = query.with_for_update()
     rows = session.execute(query).all()
     found = stored(session, [(r.webhook_id, r.received_at) for r in rows if r.body is None])
-    out: dict[str, tuple[datetime, bool, bytes | None, dict[str, str] | None]] = {}
+    out: dict[str, _Kept] = {}
     for r in rows:
         if r.body is not None:
-            out[r.webhook_id] = (r.received_at, True, r.body, r.headers)
+            out[r.webhook_id] = _Kept(r.received_at, True, r.body, r.headers)
         else:
-            out[r.webhook_id] = (r.received_at, False, *found.get(r.webhook_id, (None, None)))
+            out[r.webhook_id] = _Kept(r.received_at, False, *found.get(r.webhook_id, (None, None)))
     return out
 
 
 def _store_erased(
-    session: Session, webhook_id: str, erased: tuple[bytes | None, dict[str, str] | None]
+    session: Session,
+    webhook_id: str,
+    kept: _Kept,
+    erased: tuple[bytes | None, dict[str, str] | None],
 ) -> None:
     """The erased body and headers replace the old ones where they are kept: the event's row,
     or its day's partition (rewritten in place: the drop of its day removes it in time)."""
     ev = WebhookEvent
-    received_at, in_row, _, _ = _stored_events(session, [webhook_id], lock=False)[webhook_id]
     values: dict[str, Any] = {"erased_at": utcnow()}
-    if in_row:
+    if kept.in_row:
         values.update(body=erased[0], headers=erased[1])
     else:
-        replace_stored(session, webhook_id, received_at, *erased)
+        replace_stored(session, webhook_id, kept.received_at, *erased)
     session.execute(update(ev).where(ev.webhook_id == webhook_id).values(values))
 
 
@@ -1105,8 +1104,8 @@ def erase_rows(
 def erase_on_apply(session: Session, webhook_id: str, customer_id: str) -> None:
     """An event of an erased customer, just applied: erase it and what it wrote, in the
     applying transaction (which holds the event's and the record's row locks already)."""
-    body, headers = _bodies(session, [webhook_id])[webhook_id]
-    envelope = load_body(body)
+    kept = _stored_events(session, [webhook_id], lock=False)[webhook_id]
+    envelope = load_body(kept.body)
     strings = personal_strings(envelope)
     scope = Scope(customer_id, webhook_ids={webhook_id})
     scope.payment_ids.update(
@@ -1115,9 +1114,9 @@ def erase_on_apply(session: Session, webhook_id: str, customer_id: str) -> None:
     payment = payment_of(envelope)
     if payment is not None:
         scope.payment_ids.add(payment)
-    erased = erase_body(body, headers, strings)
+    erased = erase_body(kept.body, kept.headers, strings)
     if erased is not None:
-        _store_erased(session, webhook_id, erased)
+        _store_erased(session, webhook_id, kept, erased)
     for table in PERSONAL_TABLES:
         erase_rows(session, table, scope, strings)
     _erase_deferred_changes(session, scope, strings)
